@@ -1,0 +1,83 @@
+"""docker-compose.yml, the Dockerfile and .env.example checked against the kit (Docker does not run here)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from defai_kit.settings import Settings, settings_example
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+ENV_EXAMPLE = (ROOT / ".env.example").read_text()
+EXAMPLE_VARIABLES = dict(re.findall(r"^([A-Z_]+)=(.*)$", ENV_EXAMPLE, flags=re.M))
+SERVICES = COMPOSE["services"]
+
+
+def test_stack_has_the_four_parts_and_a_migration_step():
+    assert set(SERVICES) == {"timescaledb", "nats", "api", "jupyter", "migrate"}
+    assert SERVICES["timescaledb"]["image"].startswith("timescale/timescaledb:")
+    assert "--jetstream" in SERVICES["nats"]["command"]
+
+
+@pytest.mark.parametrize("name", ["timescaledb", "nats", "api", "jupyter"])
+def test_long_running_services_have_health_checks_volumes_and_loopback_ports(name):
+    service = SERVICES[name]
+    assert service["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL")
+    assert service["volumes"], name
+    for port in service["ports"]:
+        assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+
+
+def test_named_volumes_are_declared():
+    used = {v.split(":")[0] for s in SERVICES.values() for v in s.get("volumes", []) if not v.startswith(".")}
+    assert used <= set(COMPOSE["volumes"])
+
+
+def test_every_variable_the_stack_reads_is_in_env_example():
+    text = (ROOT / "docker-compose.yml").read_text()
+    wanted = set(re.findall(r"(?<!\$)\$\{([A-Z_]+)", text))
+    assert wanted - set(EXAMPLE_VARIABLES) == set()
+
+
+def test_every_kit_variable_the_stack_sets_is_a_real_setting():
+    fields = {f"DEFAI_{name.upper()}" for name in Settings.model_fields}
+    for name, service in SERVICES.items():
+        environment = service.get("environment", {})
+        for variable in environment:
+            if variable.startswith("DEFAI_"):
+                assert variable in fields, f"{name} sets unknown {variable}"
+
+
+def test_stack_settings_validate():
+    api = SERVICES["api"]["environment"]
+    def interpolate(value: str) -> str:  # as compose does: ${X:-default} -> default, ${X:?error} -> a value
+        value = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+        return re.sub(r"\$\{[A-Z_]+(:\?[^}]*)?\}", "x", value)
+    values = {k: interpolate(str(v)) for k, v in api.items() if k.startswith("DEFAI_")}
+    values["DEFAI_DATABASE_URL"] = "postgresql://defai:x@timescaledb:5432/defai"
+    settings = Settings(_env_file=None, **{k[6:].lower(): v for k, v in values.items()})
+    assert settings.live_trading is False and settings.bus_url == "nats://nats:4222"
+
+
+def test_services_run_real_kit_commands():
+    from typer.main import get_command
+    from defai_kit.cli import app
+    root = get_command(app)
+    for name in ("api", "migrate"):
+        _, group, command = SERVICES[name]["command"]
+        assert command in root.commands[group].commands, f"{name} runs an unknown command"
+
+
+def test_env_example_lists_every_setting_with_its_default():
+    assert ENV_EXAMPLE.startswith(settings_example())
+    for name, field in Settings.model_fields.items():
+        assert f"DEFAI_{name.upper()}" in EXAMPLE_VARIABLES
+    assert EXAMPLE_VARIABLES["DEFAI_LIVE_TRADING"] == "false"
+
+
+def test_dockerfile_installs_the_cpu_torch_build():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "whl/cpu" in dockerfile and '".[dev]"' in dockerfile
