@@ -18,3 +18,14 @@ def test_every_exported_module_names_an_existing_notebook():
         if "File to edit:" in head:
             notebook = head.split("File to edit: ")[1].split(".ipynb")[0] + ".ipynb"
             assert (module.parent / notebook).resolve().exists(), f"{module} points to missing {notebook}"
+
+
+def test_published_bar_schema_matches_the_code():
+    import json
+
+    import jsonschema
+
+    from defai_kit.bars import BAR_SCHEMA, bar_schema_json
+    published = (ROOT / "schemas" / f"bars.v{BAR_SCHEMA['version']}.json").read_text()
+    assert published == bar_schema_json(), "regenerate schemas/ from defai_kit.bars.bar_schema_json()"
+    jsonschema.Draft202012Validator.check_schema(json.loads(published))
