@@ -21,38 +21,39 @@ import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.parquet as parquet
 
+import defai_kit
 from .bars import BAR_COLUMNS, PRICE_COLUMNS, DataError
-from .settings import Settings
+from .settings import load_settings
 
 # %% auto #0
-__all__ = ['EXCHANGES', 'QUOTES', 'LEAN_RESOLUTIONS', 'FORMATS', 'TIME_COLUMNS', 'READERS', 'find_data_dir', 'split_symbol',
-           'infer_market', 'detect_format', 'BarFile', 'read_bars']
+__all__ = ['EXCHANGES', 'QUOTES', 'LEAN_RESOLUTIONS', 'FORMATS', 'TIME_COLUMNS', 'READERS', 'data_dir_candidates',
+           'find_data_dir', 'split_symbol', 'infer_market', 'detect_format', 'BarFile', 'read_bars']
 
 # %% ../nbs/11_formats.ipynb #b16088fb
 def _project_roots() -> list[Path]:
-    "Folders holding a pyproject.toml above the working directory and above this module."
-    starts = [Path.cwd().resolve()]
-    try:
-        starts.append(Path(__file__).resolve().parent)
-    except NameError:  # inside a notebook there is no __file__
-        pass
-    roots = []
-    for start in starts:
-        for folder in (start, *start.parents):
-            if (folder / "pyproject.toml").is_file():
-                roots.append(folder)
-                break
+    "The project folders (holding pyproject.toml) above this package and above the working directory."
+    roots: list[Path] = []
+    for start in (Path(defai_kit.__file__).resolve().parent, Path.cwd().resolve()):
+        root = next((folder for folder in (start, *start.parents) if (folder / "pyproject.toml").is_file()), None)
+        if root is not None and root not in roots:
+            roots.append(root)
     return roots
 
-def find_data_dir() -> Path:
-    "The folder of real market data files: `Settings().data_dir`, else `../shared/data` beside the project root."
-    candidates = [Path(Settings().data_dir).expanduser()]
-    candidates += [root / ".." / "shared" / "data" for root in _project_roots()]
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate.resolve()
-    tried = ", ".join(str(c) for c in candidates)
-    raise DataError(f"no market data folder found (tried {tried}); set DEFAI_DATA_DIR")
+def data_dir_candidates(data_dir: str | Path | None = None) -> list[Path]:
+    "Data folders to try, in order: `data_dir` if given, else the `data_dir` setting, then ../shared/data."
+    if data_dir is not None:
+        return [Path(data_dir).expanduser().resolve()]
+    configured, roots = load_settings().data_dir.expanduser(), _project_roots() or [Path.cwd()]
+    bases = [configured] if configured.is_absolute() else [root / configured for root in roots]
+    return list(dict.fromkeys(base.resolve() for base in [*bases, *(root / "../shared/data" for root in roots)]))
+
+def find_data_dir(data_dir: str | Path | None = None) -> Path:
+    "The folder of real market data files; a relative `DEFAI_DATA_DIR` counts from the project root."
+    candidates = data_dir_candidates(data_dir)
+    found = next((candidate for candidate in candidates if candidate.is_dir()), None)
+    if found is None:
+        raise DataError(f"no market data folder found (tried {', '.join(map(str, candidates))}); set DEFAI_DATA_DIR")
+    return found
 
 # %% ../nbs/11_formats.ipynb #143e2fe8
 EXCHANGES = ("binance", "coinbase", "bitfinex", "bitstamp", "bybit", "kraken", "kucoin", "okx", "gemini", "huobi",
@@ -186,6 +187,7 @@ class BarFile:
     rows_read: int = 0
     cleanups: list[str] = field(default_factory=list)
     path: Path | None = None
+    file_rows: np.ndarray | None = None  # for each bar, its data row in the file (1 = first row after any header)
 
     def __repr__(self) -> str:
         span = f"{self.frame.index[0]} .. {self.frame.index[-1]}" if len(self.frame) else "empty"
@@ -225,13 +227,14 @@ def _finish(time: pd.DatetimeIndex, columns: dict[str, pd.Series], path: Path, f
         cleanups.append("reversed newest-first order" if time[0] > time[-1] else "sorted rows into time order")
     order = np.lexsort((np.zeros(rows) if prefer is None else ~np.asarray(prefer, bool), frame.index.asi8))
     frame = frame.iloc[order]
+    file_rows = order + 1
     duplicated = frame.index.duplicated(keep="first")
     if duplicated.any():
         count = int(duplicated.sum())
         cleanups.append(f"{count:,} duplicated timestamp{'s' if count > 1 else ''}: {duplicate_note}")
-        frame = frame[~duplicated]
+        frame, file_rows = frame[~duplicated], file_rows[~duplicated]
     exchange, symbol, timeframe = infer_market(path)
-    return BarFile(frame, fmt, exchange, symbol, timeframe, rows, cleanups, path)
+    return BarFile(frame, fmt, exchange, symbol, timeframe, rows, cleanups, path, file_rows)
 
 # %% ../nbs/11_formats.ipynb #1e7dd9c1
 def _read_freqtrade_json(path: Path) -> BarFile:
