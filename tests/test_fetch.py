@@ -1,6 +1,7 @@
 """`defai_kit.fetch` against a local server speaking Binance's real wire format, serving real BTC/USDT bars."""
 from __future__ import annotations
 
+import os
 import tempfile
 
 import re
@@ -229,7 +230,7 @@ def test_fetch_into_the_real_parquet_bar_store(file_bars, server, exchange, tmp_
 def test_cli_fetch_resumes_and_reports(server, file_bars, tmp_path):
     "`defai data fetch` against the local Binance-format server: a real process, then a resumed re-run."
     from test_cli import defai
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("DEFAI_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEFAI_")}
     env["DEFAI_HOME"] = str(tmp_path)
     since, until = str(file_bars.index[0]), str(file_bars.index[2_499] + HOUR)
     urls = [f"--api-url={name}={url}" for name, url in server.api_urls.items()]
