@@ -22,7 +22,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
-	$(BIN)/uv pip install --quiet --python $(BIN)/python $(FIND_LINKS) $(EXTRA_INDEX) -e ".[dev]"
+	$(BIN)/uv pip install --quiet --python $(BIN)/python $(FIND_LINKS) $(EXTRA_INDEX) -e ".[dev,bench]"
 	@touch $(STAMP)
 
 # PostgreSQL server binaries for the store tests (the tests start and stop their own server).
