@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 from starlette.exceptions import HTTPException
 
 import defai_kit
+from .runs import RunError, RunStore
 from .settings import Settings, SettingsError
 from .store import EventStore, StoreError, database_state, open_store
 
@@ -119,5 +120,27 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         "Stored events in the order they were made, filtered by topic pattern, correlation id, or after an id."
         found = EventStore(store_engine()).read(topic=topic, correlation_id=correlation_id, after=after, limit=limit)
         return [{**e.model_dump(), "timestamp": e.timestamp.isoformat()} for e in found]
+
+    @app.exception_handler(RunError)
+    async def _no_run(request: Request, exc: RunError) -> JSONResponse:
+        return error_response(404, "not_found", str(exc), "run_id")
+
+    @app.get("/v1/runs", dependencies=secured)
+    def runs(strategy: str | None = Query(None, max_length=64, pattern=r"^[a-z0-9_]+$"),
+             limit: int = Query(50, ge=1, le=500)) -> list[dict[str, Any]]:
+        "Stored backtest and walk-forward runs, newest first: strategy, params, data range, config, metrics, report."
+        return [run.summary() for run in RunStore(store_engine()).list(strategy=strategy, limit=limit)]
+
+    @app.get("/v1/runs/compare", dependencies=secured)
+    def compare_runs(ids: list[str] = Query(..., min_length=2, max_length=20)) -> dict[str, Any]:
+        "Metrics of several runs side by side: for each run id, its strategy, params and metrics."
+        found = [RunStore(store_engine()).get(run_id) for run_id in ids]
+        return {run.run_id: {"strategy": run.strategy, "params": run.params, "symbols": run.symbols,
+                             "metrics": run.metrics} for run in found}
+
+    @app.get("/v1/runs/{run_id}", dependencies=secured)
+    def run(run_id: str) -> dict[str, Any]:
+        "One stored run."
+        return RunStore(store_engine()).get(run_id).summary()
 
     return app

@@ -19,8 +19,10 @@ from .logs import configure_logging
 from .settings import DefaiError, Settings, load_settings, settings_example
 
 # %% auto #0
-__all__ = ['app', 'db_app', 'settings_app', 'api_app', 'data_app', 'version', 'demo', 'db_upgrade', 'db_state', 'data_import',
-           'data_fetch', 'data_list', 'settings_show', 'settings_example_command', 'api_serve', 'run', 'main']
+__all__ = ['app', 'db_app', 'settings_app', 'api_app', 'data_app', 'runs_app', 'CONFIG_HELP', 'version', 'demo', 'db_upgrade',
+           'db_state', 'data_import', 'data_fetch', 'data_list', 'settings_show', 'settings_example_command',
+           'api_serve', 'CommandLineError', 'strategies', 'backtest', 'walk_forward_command', 'runs_list', 'runs_show',
+           'runs_compare', 'run', 'main']
 
 # %% ../nbs/90_cli.ipynb #23c5dbcd
 app = typer.Typer(help="defai-kit: research, backtest and trade crypto and DeFi, from notebooks to production.",
@@ -48,7 +50,7 @@ def version() -> None:
 
 @app.command()
 def demo() -> None:
-    "Run the main job: set up the store, record events, import market data, show the kit's state."
+    "Run the main job: set up the store, record events, import market data, backtest strategies, show the state."
     from defai_kit.demo import run_demo
     run_demo(_settings(), echo=typer.echo)
 
@@ -149,6 +151,134 @@ def api_serve() -> None:
     from defai_kit.api import create_app
     settings = _settings()
     uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_config=None)
+
+# %% ../nbs/90_cli.ipynb #e548fe02
+runs_app = typer.Typer(help="Stored backtest and walk-forward runs: list, show, compare.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+class CommandLineError(DefaiError):
+    "An option written the wrong way; the message names it."
+    exit_code = 2
+
+def _assignments(texts: list[str], option: str) -> dict[str, str]:
+    "NAME=VALUE texts as a mapping; one without '=' is an error naming the option."
+    pairs = {}
+    for text in texts:
+        key, equals, value = text.partition("=")
+        if not equals or not key.strip():
+            raise CommandLineError(f"{option} {text!r}: write it as NAME=VALUE")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+CONFIG_HELP = ("Backtest assumption NAME=VALUE, repeatable: initial_cash, taker_fee_bps, maker_fee_bps, slippage_bps, "
+               "impact_coefficient, sizing (fixed_notional|equity_fraction|volatility_target), notional, fraction, "
+               "target_volatility, volatility_lookback, stop_loss, take_profit, trailing_stop")
+
+def _echo_run(run) -> None:
+    "A stored run as lines: what ran, on what, its metrics, and where its report is."
+    from defai_kit.metrics import Metrics, metrics_table
+    params = ", ".join(f"{key}={value}" for key, value in run.params.items())
+    synthetic = "  [SYNTHETIC DATA]" if run.synthetic else ""
+    typer.echo(f"run {run.run_id}: {run.kind} {run.strategy}({params}) on {run.exchange} {', '.join(run.symbols)} "
+               f"{run.timeframe}, {run.start:%Y-%m-%d %H:%M}..{run.end:%Y-%m-%d %H:%M} ({run.bars:,} bars){synthetic}")
+    for row in metrics_table(Metrics.from_dict(run.metrics)).itertuples():
+        typer.echo(f"  {row.metric:<24}{row.value}")
+    typer.echo(f"report: {run.report_path}" if run.report_path else "report: none (add --report PATH to write one)")
+
+# %% ../nbs/90_cli.ipynb #3c6688a0
+@app.command()
+def strategies() -> None:
+    "List the registered strategies with their parameters, defaults and ranges."
+    from defai_kit.strategy import strategy_class, STRATEGIES
+    strategy_class("ma_cross")  # loads the library
+    for name, cls in sorted(STRATEGIES.items()):
+        kind = ", ".join(k for k, on in (("multi-asset", cls.multi_asset), ("long and short", cls.can_short)) if on)
+        typer.echo(f"{name}{f'  ({kind})' if kind else ''}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        for key, parameter in cls.parameters().items():
+            values = parameter.grid()
+            span = f"{values[0]}..{values[-1]}" if len(values) > 4 else ", ".join(map(str, values))
+            typer.echo(f"    {key} = {parameter.default!r}  ({span})")
+
+@app.command()
+def backtest(
+    strategy: str = typer.Option(..., help="Registered strategy name (see `defai strategies`)"),
+    symbol: list[str] = typer.Option([], help="Symbol as BASE/QUOTE, repeatable (several share one cash balance)"),
+    timeframe: str = typer.Option("1h", help="Bar timeframe"),
+    exchange: str = typer.Option("binance", help="Exchange the bars were stored under"),
+    param: list[str] = typer.Option([], help="Strategy parameter NAME=VALUE, repeatable"),
+    config: list[str] = typer.Option([], help=CONFIG_HELP),
+    start: str | None = typer.Option(None, help="First bar time (UTC), e.g. 2022-01-01"),
+    end: str | None = typer.Option(None, help="Last bar time (UTC)"),
+    data: Path | None = typer.Option(None, help="Backtest a bar file directly instead of the bar store"),
+    report: Path | None = typer.Option(None, help="Write a self-contained HTML report here"),
+) -> None:
+    "Backtest a strategy on stored bars (or a file), store the run, print its metrics, optionally write a report."
+    from defai_kit.runs import backtest_job
+    outcome = backtest_job(strategy, symbol, timeframe=timeframe, exchange=exchange, params=param,
+                           config=_assignments(config, "--config"), start=start, end=end, data=data, report=report,
+                           settings=_settings())
+    _echo_run(outcome.run)
+
+@app.command("walk-forward")
+def walk_forward_command(
+    strategy: str = typer.Option(..., help="Registered strategy name (see `defai strategies`)"),
+    symbol: str = typer.Option(..., help="Symbol as BASE/QUOTE"),
+    timeframe: str = typer.Option("1h", help="Bar timeframe"),
+    exchange: str = typer.Option("binance", help="Exchange the bars were stored under"),
+    grid: list[str] = typer.Option([], help="Values to try, NAME=V1,V2,..., repeatable; default: each parameter's range"),
+    in_sample: int = typer.Option(24 * 90, help="Bars in each in-sample (optimisation) window"),
+    out_of_sample: int = typer.Option(24 * 30, help="Bars in each out-of-sample (trading) window"),
+    mode: str = typer.Option("rolling", help="rolling: fixed-length in-sample; expanding: from the first bar"),
+    metric: str = typer.Option("sharpe", help="Metric that picks the best parameters in-sample"),
+    random: int | None = typer.Option(None, help="Try this many random combinations instead of the whole grid"),
+    config: list[str] = typer.Option([], help=CONFIG_HELP),
+    start: str | None = typer.Option(None, help="First bar time (UTC)"),
+    end: str | None = typer.Option(None, help="Last bar time (UTC)"),
+    data: Path | None = typer.Option(None, help="Use a bar file directly instead of the bar store"),
+    report: Path | None = typer.Option(None, help="Write a self-contained HTML report here"),
+) -> None:
+    "Walk-forward optimise a strategy: optimise in-sample, trade out-of-sample, roll on; store and report the run."
+    from defai_kit.runs import walk_forward_job
+    from defai_kit.strategy import strategy_class
+    declared = strategy_class(strategy).parameters()
+    values = {}
+    for key, text in _assignments(grid, "--grid").items():
+        if key not in declared:
+            raise CommandLineError(f"--grid {key}: strategy {strategy!r} has no such parameter; it has: {', '.join(declared)}")
+        values[key] = [declared[key].parse(item) for item in text.split(",") if item.strip()]
+    outcome = walk_forward_job(strategy, symbol, timeframe=timeframe, exchange=exchange, grid=values or None,
+                               in_sample=in_sample, out_of_sample=out_of_sample, mode=mode, metric=metric,
+                               random=random, config=_assignments(config, "--config"), start=start, end=end,
+                               data=data, report=report, progress=True, settings=_settings())
+    _echo_run(outcome.run)
+
+@runs_app.command("list")
+def runs_list(strategy: str | None = typer.Option(None, help="Only this strategy's runs"),
+              limit: int = typer.Option(20, help="How many, newest first")) -> None:
+    "List stored runs, newest first, with their headline metrics."
+    from defai_kit.runs import RunStore
+    from defai_kit.store import open_store
+    for run in RunStore(open_store(_settings().store_url)).list(strategy=strategy, limit=limit):
+        m = run.metrics
+        pct = lambda v: "n/a" if v is None else f"{v * 100:.1f}%"
+        typer.echo(f"{run.run_id}  {run.created_at:%Y-%m-%d %H:%M}  {run.kind:<12} {run.strategy:<20} "
+                   f"{','.join(run.symbols):<18} {run.timeframe:<4} return {pct(m.get('total_return')):>8}  "
+                   f"sharpe {m['sharpe'] if m.get('sharpe') is not None else float('nan'):6.2f}  max dd {pct(m.get('max_drawdown')):>7}  "
+                   f"trades {m.get('trades')}{'  SYNTHETIC' if run.synthetic else ''}")
+
+@runs_app.command("show")
+def runs_show(run_id: str = typer.Argument(..., help="Run id, as `defai runs list` prints it")) -> None:
+    "Show one stored run: what ran, on which data, its metrics and report."
+    from defai_kit.runs import RunStore
+    from defai_kit.store import open_store
+    _echo_run(RunStore(open_store(_settings().store_url)).get(run_id))
+
+@runs_app.command("compare")
+def runs_compare(run_ids: list[str] = typer.Argument(..., help="Two or more run ids")) -> None:
+    "Compare stored runs side by side: one row per metric, one column per run."
+    from defai_kit.runs import RunStore
+    from defai_kit.store import open_store
+    typer.echo(RunStore(open_store(_settings().store_url)).compare(run_ids).to_string())
 
 # %% ../nbs/90_cli.ipynb #a7aa5aa3
 def run(argv: Sequence[str] | None = None) -> int:

@@ -8,9 +8,11 @@ Docs: https://defai-kit.github.io/defai-kit/demo.html.md"""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import pandas as pd
 from sqlalchemy.engine import Engine
 
 import defai_kit
@@ -19,13 +21,14 @@ from .bars import DataError
 from .bus import InProcessBus, run_sync
 from .data_import import SYNTHETIC_EXCHANGE, import_bars, synthetic_bars
 from .formats import find_data_dir
+from .runs import backtest_job
 from .events import EventEnvelope
 from .settings import Settings
 from .store import EventStore, StoreState, database_state, open_store, upgrade_database
 
 # %% auto #0
-__all__ = ['DEMO_STEPS', 'DEMO_FILES', 'DemoContext', 'DemoStep', 'demo_step', 'prepare_store', 'record_events',
-           'import_market_data', 'describe_kit', 'show_state', 'run_demo']
+__all__ = ['DEMO_STEPS', 'DEMO_FILES', 'DEMO_STRATEGIES', 'DemoContext', 'DemoStep', 'demo_step', 'prepare_store',
+           'record_events', 'import_market_data', 'backtest_strategies', 'describe_kit', 'show_state', 'run_demo']
 
 # %% ../nbs/85_demo.ipynb #37466237
 @dataclass
@@ -87,15 +90,33 @@ def record_events(context: DemoContext) -> str:
 # %% ../nbs/85_demo.ipynb #629261d9
 DEMO_FILES = [f"binance_spot_1h_2021-2023/{base}USDT_1h.csv" for base in ("BTC", "ETH", "SOL")]
 
+def _fetch_recent(store, echo: Callable[[str], None]) -> str | None:
+    "A year of Binance BTC/USDT 1h bars through ccxt, or None when the exchange cannot be reached (one short try)."
+    from defai_kit.fetch import fetch_into_store, make_exchange
+    client = make_exchange("binance")
+    client.timeout = 5_000  # milliseconds: offline machines should not wait long
+    since = pd.Timestamp.now(tz="UTC").floor("D") - pd.Timedelta(days=365)
+    try:
+        report = fetch_into_store(store, "binance", "BTC/USDT", "1h", since, exchange=client, max_retries=1,
+                                  retry_delay=0.5)
+    except DataError as error:
+        echo(f"      no market data files, and Binance cannot be reached ({str(error)[:120]})")
+        return None
+    return f"{report.inserted + report.unchanged:,} real bars fetched from Binance through ccxt"
+
 @demo_step("Import market data", order=30)
 def import_market_data(context: DemoContext) -> str:
-    "Import real bars (or a labelled synthetic series where none are on this machine) into the bar store."
+    "Import real bars: from the data folder, else fetched through ccxt, else a labelled synthetic series."
     store = open_bar_store(context.settings, context.engine)
     try:
         folder = find_data_dir()
     except DataError:
         folder = None
     if folder is None or not all((folder / name).exists() for name in DEMO_FILES):
+        fetched = _fetch_recent(store, context.echo)
+        if fetched:
+            context.facts["bars"] = [("binance", "BTC/USDT", "1h")]
+            return fetched
         stored = store.upsert(SYNTHETIC_EXCHANGE, "SYN/USD", "1h", synthetic_bars())
         context.facts["bars"] = [(SYNTHETIC_EXCHANGE, "SYN/USD", "1h")]
         return (f"no real market data on this machine: generated a SYNTHETIC series, {SYNTHETIC_EXCHANGE} SYN/USD 1h "
@@ -106,6 +127,27 @@ def import_market_data(context: DemoContext) -> str:
                      f"unchanged {report.stored.unchanged:,}, {len(report.gaps)} gaps")
     context.facts["bars"] = [(r.exchange, r.symbol, r.timeframe) for r in reports]
     return f"{sum(r.bars for r in reports):,} real bars from {folder}"
+
+# %% ../nbs/85_demo.ipynb #612526f0
+DEMO_STRATEGIES = ("ma_cross", "rsi_reversion", "donchian_breakout")
+
+@demo_step("Backtest strategies", order=40)
+def backtest_strategies(context: DemoContext) -> str:
+    "Backtest a few library strategies on the imported bars, store the runs and write their HTML reports."
+    exchange, symbol, timeframe = context.facts["bars"][0]
+    folder = (Path(context.settings.home) / "reports").resolve()
+    label = " (SYNTHETIC data)" if exchange == SYNTHETIC_EXCHANGE else ""
+    for number, name in enumerate(DEMO_STRATEGIES, start=1):
+        began = time.perf_counter()
+        report = folder / f"{name}_{symbol.replace('/', '-')}_{timeframe}.html"
+        outcome = backtest_job(name, [symbol], timeframe=timeframe, exchange=exchange, config={"taker_fee_bps": 10},
+                               report=report, settings=context.settings, engine=context.engine)
+        metrics = outcome.result.metrics
+        context.echo(f"      ({number}/{len(DEMO_STRATEGIES)}) {name} on {exchange} {symbol} {timeframe}{label}: "
+                     f"return {metrics.total_return:+.1%}, Sharpe {metrics.sharpe:.2f}, max drawdown "
+                     f"{metrics.max_drawdown:.1%}, {metrics.trades} trades, run {outcome.run.run_id} -> {report.name} "
+                     f"[{time.perf_counter() - began:.1f} s]")
+    return f"{len(DEMO_STRATEGIES)} runs stored; HTML reports in {folder}"
 
 # %% ../nbs/85_demo.ipynb #e1c00ecb
 def describe_kit(settings: Settings, state: StoreState, series: list[Series] | None = None) -> list[str]:

@@ -78,6 +78,7 @@ TOPICS: dict[str, str] = {
     "market.trade": "a trade printed on a venue",
     "market.quote": "a new best bid and ask",
     "market.book": "an order-book update",
+    "market.batch": "a batch of one feed's trades, quotes and book updates, in receive order",
     "system.started": "a kit process started",
     "system.stopped": "a kit process stopped",
     "system.heartbeat": "a process is alive",

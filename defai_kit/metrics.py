@@ -66,6 +66,14 @@ class Metrics:
             out[key] = value
         return out
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Metrics":
+        "The metrics back from `as_dict` (as stored with a run): times, the duration, and None as nan."
+        restored = {key: (math.nan if value is None else value) for key, value in values.items()}
+        restored["start"], restored["end"] = pd.Timestamp(values["start"]), pd.Timestamp(values["end"])
+        restored["max_drawdown_duration"] = pd.Timedelta(days=values["max_drawdown_duration"])
+        return cls(**restored)
+
 # %% ../nbs/21_metrics.ipynb #0a64141c
 TRADE_COLUMNS = ("pnl", "return", "status")
 

@@ -19,13 +19,13 @@ def engine(database_url):
 
 
 def test_upgrade_creates_schema_once(engine):
-    assert upgrade_database(engine) == ["0001"]
+    assert upgrade_database(engine) == ["0001", "0002"]
     assert upgrade_database(engine) == []
     tables = set(sa.inspect(engine).get_table_names())
     assert {"events", "bars", "alembic_version"} <= tables
     state = database_state(engine)
     assert state.up_to_date and state.revision == head_revision()
-    assert state.tables == {"bars": 0, "events": 0}
+    assert state.tables == {"backtest_runs": 0, "bars": 0, "events": 0}
 
 
 def test_time_series_tables_stay_plain_without_timescale(engine):
