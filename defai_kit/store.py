@@ -29,7 +29,7 @@ from .settings import DefaiError
 # %% auto #0
 __all__ = ['Payload', 'UtcDateTime', 'TIME_SERIES_TABLES', 'MIGRATIONS', 'StoreError', 'EventRecord', 'Bar', 'mask_url',
            'make_engine', 'open_store', 'schema_revision', 'upgrade_database', 'head_revision', 'timescale_available',
-           'make_hypertable', 'hypertables', 'EventStore', 'StoreState', 'database_state']
+           'make_hypertable', 'hypertables', 'as_utc', 'EventStore', 'StoreState', 'database_state']
 
 # %% ../nbs/04_store.ipynb #6fdd8f79
 class StoreError(DefaiError):
@@ -180,7 +180,8 @@ def _insert_ignoring_duplicates(connection: Connection, table: sa.Table, key: st
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
     return dialect.insert(table).on_conflict_do_nothing(index_elements=[key]).returning(table.c[key])
 
-def _as_utc(moment: datetime) -> datetime:
+def as_utc(moment: datetime) -> datetime:
+    "A time read back from the store as UTC (SQLite drops the zone)."
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 class EventStore:
@@ -219,7 +220,7 @@ class EventStore:
             query = query.limit(limit)
         with self.engine.connect() as connection:
             rows = connection.execute(query).mappings().all()
-        events = [EventEnvelope(**{**row, "timestamp": _as_utc(row["timestamp"])}) for row in rows
+        events = [EventEnvelope(**{**row, "timestamp": as_utc(row["timestamp"])}) for row in rows
                   if not wildcard or topic_matches(topic, row["topic"])]
         return events[:limit] if limit is not None else events
 
