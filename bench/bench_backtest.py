@@ -197,7 +197,7 @@ def bench_sweep() -> None:
     other = run_child("backtesting_py")
     print(f"({kit['bars']:,} bars; every figure from its own process, warm; peak RSS includes Python, pandas and "
           "the library's imports)")
-    rows = [("defai-kit", "defai-kit sweep (ma_cross grid_signals, chunks of 250)", kit),
+    rows = [("defai-kit", "defai-kit sweep (grid_signals, own numba loop, 250 per chunk)", kit),
             ("raw vectorbt", "raw vectorbt (MA.run, crossed_above/below, one from_signals)", raw),
             ("backtesting.py", "backtesting.py Backtest.optimize (1 process)", other)]
     for _, label, figures in rows:

@@ -22,7 +22,7 @@ from .settings import DefaiError, Settings, load_settings, settings_example
 __all__ = ['app', 'db_app', 'settings_app', 'api_app', 'data_app', 'runs_app', 'CONFIG_HELP', 'version', 'demo', 'db_upgrade',
            'db_state', 'data_import', 'data_fetch', 'data_list', 'settings_show', 'settings_example_command',
            'api_serve', 'CommandLineError', 'strategies', 'backtest', 'walk_forward_command', 'runs_list', 'runs_show',
-           'runs_compare', 'run', 'main']
+           'runs_compare', 'replay', 'run', 'main']
 
 # %% ../nbs/90_cli.ipynb #23c5dbcd
 app = typer.Typer(help="defai-kit: research, backtest and trade crypto and DeFi, from notebooks to production.",
@@ -279,6 +279,26 @@ def runs_compare(run_ids: list[str] = typer.Argument(..., help="Two or more run 
     from defai_kit.runs import RunStore
     from defai_kit.store import open_store
     typer.echo(RunStore(open_store(_settings().store_url)).compare(run_ids).to_string())
+
+# %% ../nbs/90_cli.ipynb #0135171b
+@app.command()
+def replay(check: bool = typer.Option(False, "--check", help="Only compare the stored read models with a replay; "
+                                      "exit 1 when they differ")) -> None:
+    "Rebuild the ledger's read models (intents, plans, orders, fills, balances, positions) from the event store."
+    from defai_kit.ledger import compare_read_models, rebuild_read_models, replay as replay_store
+    from defai_kit.store import open_store
+    engine = open_store(_settings().store_url)
+    if check:
+        differences = compare_read_models(engine, replay_store(engine))
+        for line in differences[:50]:
+            typer.echo(line)
+        if differences:
+            typer.echo(f"{len(differences)} rows differ from a replay of the event store", err=True)
+            raise typer.Exit(1)
+        typer.echo("the read models equal a replay of the event store")
+        return
+    counts = rebuild_read_models(engine)
+    typer.echo("read models rebuilt from the event store: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
 
 # %% ../nbs/90_cli.ipynb #a7aa5aa3
 def run(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,7 @@ Docs: https://defai-kit.github.io/defai-kit/demo.html.md"""
 from __future__ import annotations
 
 import time
+from decimal import Decimal
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -22,13 +23,18 @@ from .bus import InProcessBus, run_sync
 from .data_import import SYNTHETIC_EXCHANGE, import_bars, synthetic_bars
 from .formats import find_data_dir
 from .runs import backtest_job
+from .execution import ExecutionEngine
+from .ledger import compare_read_models
+from .risk import RiskEngine, RiskLimits
+from .venues import PaperVenue
 from .events import EventEnvelope
 from .settings import Settings
 from .store import EventStore, StoreState, database_state, open_store, upgrade_database
 
 # %% auto #0
 __all__ = ['DEMO_STEPS', 'DEMO_FILES', 'DEMO_STRATEGIES', 'DemoContext', 'DemoStep', 'demo_step', 'prepare_store',
-           'record_events', 'import_market_data', 'backtest_strategies', 'describe_kit', 'show_state', 'run_demo']
+           'record_events', 'import_market_data', 'backtest_strategies', 'execute_on_paper', 'describe_kit',
+           'show_state', 'run_demo']
 
 # %% ../nbs/85_demo.ipynb #37466237
 @dataclass
@@ -148,6 +154,42 @@ def backtest_strategies(context: DemoContext) -> str:
                      f"{metrics.max_drawdown:.1%}, {metrics.trades} trades, run {outcome.run.run_id} -> {report.name} "
                      f"[{time.perf_counter() - began:.1f} s]")
     return f"{len(DEMO_STRATEGIES)} runs stored; HTML reports in {folder}"
+
+# %% ../nbs/85_demo.ipynb #10d04c48
+@demo_step("Execute intents on paper", order=50)
+def execute_on_paper(context: DemoContext) -> str:
+    "Buy, sell back by TWAP and get denied on a paper venue priced by the imported bars; show one intent's events."
+    exchange, symbol, timeframe = context.facts["bars"][0]
+    last = open_bar_store(context.settings, context.engine).load(exchange, symbol, timeframe).iloc[-1]
+    quote = symbol.split("/")[1]
+    venue = PaperVenue("paper", {quote: "100000"}, fee_bps=10, slippage_bps=5)
+    venue.update_bar(symbol, last)
+    size = (Decimal(10_000) / Decimal(str(last["close"]))).quantize(Decimal("0.0001"))
+
+    async def trade() -> tuple[ExecutionEngine, list[dict], str]:
+        async with ExecutionEngine(context.engine, {"paper": venue},
+                                   risk=RiskEngine(RiskLimits.of(max_notional="50000"))) as core:
+            await core.fund("paper", quote, "100000")
+            buy = await core.submit_intent(symbol=symbol, side="buy", quantity=size, reason="demo")
+            rows = [await core.wait(buy)]
+            sell = await core.submit_intent(symbol=symbol, side="sell", quantity=size, plan="twap", slices=2,
+                                            interval_seconds=0.05)
+            too_big = await core.submit_intent(symbol=symbol, side="buy", quantity=size * 10)
+            rows += [await core.wait(sell), await core.wait(too_big)]
+        return core, rows, buy
+
+    core, rows, buy = run_sync(trade())
+    for row in rows:
+        done = (f"filled {row['filled_quantity']} at {row['average_price']:.2f}, fees {row['fees']:.2f}"
+                if row["state"] == "completed" else row["reason"])
+        context.echo(f"      {row['intent_id']} {row['side']:<4} {row['quantity']} {symbol} -> {row['state']}, {done}")
+    context.echo(f"      the events of {buy}:")
+    for event in core.trail(buy):
+        context.echo(f"        {event.timestamp:%H:%M:%S.%f} {event.topic:<20} {event.event_id} <- {event.causation_id or '(root)'}")
+    position = core.ledger.models.portfolio.position("paper", symbol)
+    same = "equals" if not compare_read_models(context.engine) else "DIFFERS FROM"
+    return (f"realised P&L {position.realized_pnl:+.2f} {quote}, fees {position.fees:.2f}; "
+            f"a replay of the store {same} the live read models")
 
 # %% ../nbs/85_demo.ipynb #e1c00ecb
 def describe_kit(settings: Settings, state: StoreState, series: list[Series] | None = None) -> list[str]:

@@ -60,7 +60,7 @@ class MonotonicUlid:
 new_event_id = MonotonicUlid()
 
 # %% ../nbs/02_events.ipynb #02cb5b04
-FAMILIES = ("intent", "risk", "plan", "exec", "market", "system")
+FAMILIES = ("intent", "risk", "plan", "exec", "account", "agent", "market", "system")
 
 TOPICS: dict[str, str] = {
     "intent.submitted": "an intent entered the system",
@@ -74,6 +74,8 @@ TOPICS: dict[str, str] = {
     "exec.step_filled": "a step was filled, in whole or in part",
     "exec.completed": "every step of a plan is done",
     "exec.failed": "execution of a plan failed",
+    "account.deposited": "funds were credited to a venue account (a paper account is funded this way)",
+    "agent.ticked": "an agent ran once: its inputs, signals and decisions, for the audit trail",
     "market.bar": "a new OHLCV bar",
     "market.trade": "a trade printed on a venue",
     "market.quote": "a new best bid and ask",

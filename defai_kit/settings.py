@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceParseError
 
 # %% auto #0
 __all__ = ['DefaiError', 'SettingsError', 'Settings', 'load_settings', 'settings_example']
@@ -45,6 +46,10 @@ class Settings(BaseSettings):
     api_port: int = Field(8000, ge=1, le=65535, description="Port the API listens on")
     api_token: SecretStr | None = Field(None, description="Bearer token every API route but /health requires; "
                                         "the API refuses to start without one")
+    risk_limits: dict[str, Any] = Field(default_factory=dict, description="Risk limits on every agent's intents, a JSON "
+                                        'object such as {"max_notional": "10000", "allowed_venues": ["paper"]} '
+                                        "(names in defai_kit.risk.RiskLimits); an agent's own config overrides them; "
+                                        "{} means no limits")
 
     @field_validator("database_url")
     @classmethod
@@ -79,6 +84,9 @@ def load_settings(env_file: str | Path | None = ".env", **overrides: Any) -> Set
         return Settings(_env_file=env_file, **overrides)
     except ValidationError as exc:
         raise SettingsError("; ".join(_describe(e) for e in exc.errors())) from None
+    except SourceParseError as exc:  # a JSON-valued setting (DEFAI_RISK_LIMITS) that is not JSON
+        field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else "settings"
+        raise SettingsError(f"DEFAI_{field.upper()}: not valid JSON ({exc.__cause__})") from None
 
 # %% ../nbs/00_settings.ipynb #ba3713a0
 def settings_example() -> str:
@@ -86,7 +94,7 @@ def settings_example() -> str:
     lines = ["# defai-kit settings. Copy to .env and edit; the environment overrides this file.",
              "# Every variable is optional: the defaults give paper trading on a local SQLite store.", ""]
     for name, field in Settings.model_fields.items():
-        default = field.default
+        default = field.get_default(call_default_factory=True)
         value = "" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
         lines += [f"# {field.description}", f"DEFAI_{name.upper()}={value}", ""]
     return "\n".join(lines)

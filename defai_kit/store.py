@@ -50,6 +50,9 @@ class EventRecord(SQLModel, table=True):
     causation_id: str | None = Field(default=None, max_length=26)
     payload: dict[str, Any] = Field(sa_column=Column(Payload, nullable=False))
     version: int = Field(default=1)
+    # The order in which the ledger applied the event (migration 0003); replay follows it. Empty for events no
+    # ledger applied (market data, for one).
+    sequence: int | None = Field(default=None, sa_column=Column(sa.BigInteger, nullable=True))
 
 class Bar(SQLModel, table=True):
     "One OHLCV bar; `time` is the bar's open time in UTC."
@@ -220,7 +223,9 @@ class EventStore:
             query = query.limit(limit)
         with self.engine.connect() as connection:
             rows = connection.execute(query).mappings().all()
-        events = [EventEnvelope(**{**row, "timestamp": as_utc(row["timestamp"])}) for row in rows
+        events = [EventEnvelope(event_id=row["event_id"], timestamp=as_utc(row["timestamp"]), topic=row["topic"],
+                                correlation_id=row["correlation_id"], causation_id=row["causation_id"],
+                                payload=row["payload"], version=row["version"]) for row in rows
                   if not wildcard or topic_matches(topic, row["topic"])]
         return events[:limit] if limit is not None else events
 

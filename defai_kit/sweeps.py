@@ -10,13 +10,14 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
+import numba
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .backtest import (BacktestConfig, BacktestError, _aligned, _bar_arrays, _check_index, _held,
+from .backtest import (BacktestConfig, BacktestError, _add, _aligned, _bar_arrays, _check_index, _held,
                                 _column_values, _run_simulation, _sizes, _stops, _with_signals,
                                 infer_timeframe)
 from .bars import timeframe_delta
@@ -97,61 +98,403 @@ def _random_sets(cls: type[Strategy], grid: dict[str, list] | None, count: int,
 
 # %% ../nbs/24_sweeps.ipynb #86eaaf21
 def _signal_arrays(cls: type[Strategy], bars: pd.DataFrame, strategies: list[Strategy]) -> dict[str, np.ndarray]:
-    "The four signals of every set as (bars, sets) boolean arrays."
+    "The four signals of every set as (bars, sets) boolean arrays, each set's bars contiguous (Fortran order)."
     shape = (len(bars), len(strategies))
     if callable(getattr(cls, "grid_signals", None)):
         given = cls.grid_signals(bars, [strategy.params for strategy in strategies])
-        found = {}
+        rows = {}
         for name in SIGNAL_COLUMNS:
             values = np.asarray(given[name], dtype=bool) if name in given else np.zeros(shape, dtype=bool)
             if values.shape != shape:
                 raise StrategyError(f"strategy {cls.name!r}: grid_signals gave {name} of shape {values.shape}, "
                                     f"expected {shape} (bars, parameter sets)")
-            found[name] = values
+            rows[name] = np.array(values.T, order="C")  # our own copy, one row per set
     else:
         frames = [strategy_signals(strategy, bars) for strategy in strategies]
-        found = {name: np.column_stack([frame[name].to_numpy(dtype=bool) for frame in frames]) for name in SIGNAL_COLUMNS}
-    started = np.arange(shape[0])[:, None] >= np.array([s.startup_candle_count for s in strategies])[None, :]
-    return {name: (values & started) if cls.can_short or not name.endswith("_short") else np.zeros(shape, dtype=bool)
-            for name, values in found.items()}
+        rows = {name: np.stack([frame[name].to_numpy(dtype=bool) for frame in frames]) for name in SIGNAL_COLUMNS}
+    started = np.arange(shape[0])[None, :] >= np.array([s.startup_candle_count for s in strategies])[:, None]
+    for name, values in rows.items():
+        if cls.can_short or not name.endswith("_short"):
+            values &= started
+        else:
+            values[:] = False
+    return {name: values.T for name, values in rows.items()}
 
 # %% ../nbs/24_sweeps.ipynb #14ddd48e
-def _metrics_by_column(values: np.ndarray, records: np.ndarray, held: np.ndarray, initial_cash: float,
-                       periods: float) -> dict[str, np.ndarray]:
-    "compute_metrics' return, risk and trade numbers for each row of a (sets, bars) equity array."
-    n_sets, n_bars = values.shape
-    returns = np.diff(values, axis=1, prepend=initial_cash)
-    returns[:, 0] /= initial_cash
-    returns[:, 1:] /= values[:, :-1]
-    growth = values[:, -1] / initial_cash
-    mean = returns.mean(axis=1)
-    if n_bars < 2:
-        std = np.full(n_sets, np.nan)
+_STATISTICS = ("final_equity", "mean_return", "return_deviation", "downside_deviation", "max_drawdown",
+              "closed_trades", "winning_trades", "gains", "losses", "bars_held")
+
+@numba.njit(cache=True)
+def _block_sum(values, start, count):
+    "numpy's sum of at most 128 numbers: left to right below 8, else in 8 running sums combined pairwise."
+    if count < 8:
+        total = 0.0
+        for i in range(start, start + count):
+            total += values[i]
+        return total
+    r0, r1, r2, r3 = values[start], values[start + 1], values[start + 2], values[start + 3]
+    r4, r5, r6, r7 = values[start + 4], values[start + 5], values[start + 6], values[start + 7]
+    i = 8
+    while i < count - count % 8:
+        j = start + i
+        r0, r1, r2, r3 = r0 + values[j], r1 + values[j + 1], r2 + values[j + 2], r3 + values[j + 3]
+        r4, r5, r6, r7 = r4 + values[j + 4], r5 + values[j + 5], r6 + values[j + 6], r7 + values[j + 7]
+        i += 8
+    total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    for j in range(start + i, start + count):
+        total += values[j]
+    return total
+
+@numba.njit(cache=True)
+def _pairwise_sum(values, start, count):
+    """The sum of values[start:start + count] as numpy's `np.sum` adds a float64 array: halves (cut at a multiple of
+    8) summed apart and added, down to blocks of 128. A loop with its own stack: numba's disk cache breaks recursion."""
+    starts, counts = np.empty(64, dtype=np.int64), np.empty(64, dtype=np.int64)
+    stages, left_sums = np.zeros(64, dtype=np.int64), np.empty(64)
+    top, starts[0], counts[0], returned = 0, start, count, 0.0
+    while True:
+        first, n = starts[top], counts[top]
+        if n <= 128:
+            returned = _block_sum(values, first, n)
+        else:
+            half = n // 2 - (n // 2) % 8
+            if stages[top] == 0:  # sum the left half first
+                stages[top] = 1
+                top += 1
+                starts[top], counts[top], stages[top] = first, half, 0
+                continue
+            if stages[top] == 1:  # then the right half
+                left_sums[top], stages[top] = returned, 2
+                top += 1
+                starts[top], counts[top], stages[top] = first + half, n - half, 0
+                continue
+            returned = left_sums[top] + returned
+        top -= 1
+        if top < 0:
+            return returned
+
+@numba.njit(cache=True)
+def _curve_statistics(equity, initial_cash, returns, scratch):
+    "compute_metrics' mean, standard deviation (n - 1) and downside deviation of the bar returns, and max drawdown."
+    n = len(equity)
+    previous, peak, max_drawdown, highest, lowest = initial_cash, initial_cash, np.inf, -np.inf, np.inf
+    for i in range(n):
+        returns[i] = (equity[i] - previous) / previous
+        previous = equity[i]
+        highest, lowest = max(highest, returns[i]), min(lowest, returns[i])
+        peak = max(peak, equity[i])
+        max_drawdown = min(max_drawdown, equity[i] / peak - 1)
+    mean = _pairwise_sum(returns, 0, n) / n
+    if n < 2:
+        deviation = np.nan
+    elif highest == lowest:  # equal returns: 0, though rounding can leave 1e-18
+        deviation = 0.0
     else:
-        std = returns.std(axis=1, ddof=1)
-        std[returns.max(axis=1) == returns.min(axis=1)] = 0.0   # equal returns: 0, though rounding can leave 1e-18
-    losses_only = np.minimum(returns, 0, out=returns)   # in place: memory for a chunk stays a few arrays
-    downside = np.sqrt(np.mean(np.multiply(losses_only, losses_only, out=losses_only), axis=1))
-    drawdowns = np.maximum.accumulate(np.maximum(values, initial_cash, out=returns), axis=1, out=returns)
-    max_drawdown = (np.divide(values, drawdowns, out=drawdowns) - 1).min(axis=1)
-    closed = records[records["status"] == 1]
-    column, pnl = closed["col"], closed["pnl"]
-    count = np.bincount(column, minlength=n_sets)
-    wins = np.bincount(column[pnl > 0], minlength=n_sets)
-    gains = np.bincount(column, weights=np.where(pnl > 0, pnl, 0.0), minlength=n_sets)
-    losses = np.bincount(column, weights=np.where(pnl < 0, -pnl, 0.0), minlength=n_sets)
+        for i in range(n):
+            scratch[i] = (returns[i] - mean) * (returns[i] - mean)
+        deviation = math.sqrt(_pairwise_sum(scratch, 0, n) / (n - 1))
+    for i in range(n):
+        loss = min(returns[i], 0.0)
+        scratch[i] = loss * loss
+    return mean, deviation, math.sqrt(_pairwise_sum(scratch, 0, n) / n), max_drawdown
+
+@numba.njit(cache=True)
+def _trade_totals(pnl, count, scratch):
+    "The winning trades among pnl[:count], the sum of their gains, and the sum of the losers' losses (as numpy sums)."
+    wins = 0
+    for k in range(count):
+        if pnl[k] > 0:
+            scratch[wins] = pnl[k]
+            wins += 1
+    gains = _pairwise_sum(scratch, 0, wins)
+    losers = 0
+    for k in range(count):
+        if pnl[k] < 0:
+            scratch[losers] = pnl[k]
+            losers += 1
+    return wins, gains, -_pairwise_sum(scratch, 0, losers)
+
+# %% ../nbs/24_sweeps.ipynb #2d4710ca
+def _metrics_from_statistics(statistics: np.ndarray, initial_cash: float, n_bars: int,
+                             periods: float) -> dict[str, np.ndarray]:
+    "compute_metrics' return, risk and trade numbers for each set, from its _STATISTICS (one column per set)."
+    final, mean, deviation, downside, max_drawdown, closed, wins, gains, losses, held = statistics
+    growth = final / initial_cash
     with np.errstate(divide="ignore", invalid="ignore"):
         return {
             "total_return": growth - 1,
             "cagr": np.where(growth >= 0, np.abs(growth) ** (1 / (n_bars / periods)) - 1, np.nan),
-            "sharpe": np.where(std > 0, mean / std, np.nan) * math.sqrt(periods),
+            "sharpe": np.where(deviation > 0, mean / deviation, np.nan) * math.sqrt(periods),
             "sortino": np.where(downside > 0, mean / downside, np.nan) * math.sqrt(periods),
             "max_drawdown": max_drawdown,
-            "win_rate": np.where(count > 0, wins / count, np.nan),
+            "win_rate": np.where(closed > 0, wins / closed, np.nan),
             "profit_factor": np.where(losses > 0, gains / losses, np.where(gains > 0, np.inf, np.nan)),
-            "trades": count,
-            "exposure": held.mean(axis=0),
+            "trades": closed.astype(np.int64),
+            "exposure": held / n_bars,
         }
+
+@numba.njit(cache=True)
+def _recorded_statistics(equity, initial_cash, trade_column, trade_pnl, trade_closed):
+    "_STATISTICS of each row of a (sets, bars) equity array and its trades (sorted by column); bars held left 0."
+    n_sets, n_bars = equity.shape
+    out = np.zeros((len(_STATISTICS), n_sets))
+    returns, scratch = np.empty(n_bars), np.empty(n_bars)
+    pnl, trade_scratch = np.empty(len(trade_pnl)), np.empty(len(trade_pnl))
+    t = 0
+    for s in range(n_sets):
+        count = 0
+        while t < len(trade_column) and trade_column[t] == s:
+            if trade_closed[t]:
+                pnl[count] = trade_pnl[t]
+                count += 1
+            t += 1
+        mean, deviation, downside, max_drawdown = _curve_statistics(equity[s], initial_cash, returns, scratch)
+        wins, gains, losses = _trade_totals(pnl, count, trade_scratch)
+        out[0, s], out[1, s], out[2, s], out[3, s], out[4, s] = equity[s, -1], mean, deviation, downside, max_drawdown
+        out[5, s], out[6, s], out[7, s], out[8, s] = count, wins, gains, losses
+    return out
+
+def _metrics_by_column(values: np.ndarray, records: np.ndarray, held: np.ndarray, initial_cash: float,
+                       periods: float) -> dict[str, np.ndarray]:
+    "compute_metrics' numbers for each row of a (sets, bars) equity array, from vectorbt's trade records."
+    records = records[np.argsort(records["col"], kind="stable")]
+    statistics = _recorded_statistics(values, float(initial_cash), records["col"], records["pnl"],
+                                      records["status"] == 1)
+    statistics[_STATISTICS.index("bars_held")] = held.sum(axis=0)
+    return _metrics_from_statistics(statistics, initial_cash, values.shape[1], periods)
+
+# %% ../nbs/24_sweeps.ipynb #a5b94dad
+# vectorbt's codes (vectorbt.portfolio.enums) and the `min_size` default of its settings
+_LONG_ONLY, _SHORT_ONLY, _BOTH = 0, 1, 2      # Direction
+_AMOUNT, _VALUE, _PERCENT = 0, 1, 2           # SizeType
+_BUY, _SELL = 0, 1                            # OrderSide
+_MIN_SIZE = 1e-8                              # vectorbt rejects smaller orders
+
+@numba.njit(cache=True)
+def _is_close(a, b):
+    "vectorbt's is_close_nb: equal within 1e-9 (relative) or 1e-12; never for nan or infinity."
+    if np.isnan(a) or np.isnan(b) or np.isinf(a) or np.isinf(b):
+        return False
+    return a == b or abs(a - b) <= max(1e-9 * max(abs(a), abs(b)), 1e-12)
+
+@numba.njit(cache=True)
+def _is_less(a, b):
+    "vectorbt's is_less_nb: less and not close."
+    return not _is_close(a, b) and a < b
+
+@numba.njit(cache=True)
+def _buy(cash, position, debt, free_cash, size, price, direction, fees, slippage, percent):
+    "vectorbt's buy_nb: (filled, size, price, fees, then cash, position, debt and free cash after)."
+    adjusted_price = price * (1 + slippage)
+    cash_limit = cash if np.isnan(percent) else min(cash, percent * cash)
+    unfilled = (False, 0.0, 0.0, 0.0, cash, position, debt, free_cash)
+    if direction == _SHORT_ONLY:
+        if position == 0:
+            return unfilled
+        wanted = min(-position, size)
+    else:
+        if cash_limit == 0:
+            return unfilled
+        wanted = size
+    if wanted == 0:
+        return unfilled
+    required = wanted * adjusted_price
+    required_fees = required * fees
+    total = required + required_fees
+    if _is_close(total, cash_limit) or total < cash_limit:
+        bought, paid_fees, spent = wanted, required_fees, total
+    else:  # not enough cash: as much as it pays for, fees included
+        affordable = _add(cash_limit, -0.0) / (1 + fees)
+        if affordable <= 0:
+            return unfilled
+        bought, paid_fees, spent = affordable / adjusted_price, cash_limit - affordable, cash_limit
+    if _is_close(wanted, 0) or _is_less(bought, _MIN_SIZE):
+        return unfilled
+    new_position = _add(position, bought)
+    if position < 0:  # covering a short pays back its debt at the short's average price
+        covered = bought if new_position < 0 else abs(position)
+        repaid = covered * (debt / abs(position))
+        new_debt, new_free_cash = _add(debt, -repaid), _add(free_cash + 2 * repaid, -spent)
+    else:
+        new_debt, new_free_cash = debt, _add(free_cash, -spent)
+    return True, bought, adjusted_price, paid_fees, _add(cash, -spent), new_position, new_debt, new_free_cash
+
+@numba.njit(cache=True)
+def _sell(cash, position, debt, free_cash, size, price, direction, fees, slippage, percent):
+    "vectorbt's sell_nb: (filled, size, price, fees, then cash, position, debt and free cash after)."
+    adjusted_price = price * (1 - slippage)
+    unfilled = (False, 0.0, 0.0, 0.0, cash, position, debt, free_cash)
+    if direction == _LONG_ONLY:
+        limit = min(position, size)
+    elif np.isinf(size) and not np.isnan(percent):  # a percentage of the long held plus what free cash can short
+        long_size = max(position, 0.0)
+        total_free_cash = _add(free_cash, long_size * adjusted_price * (1 - fees))
+        if total_free_cash <= 0:
+            if position <= 0:
+                return unfilled
+            limit = long_size
+        else:
+            limit = _add(long_size, _add(total_free_cash, -0.0) / (adjusted_price * (1 + fees)))
+            if limit <= 0:
+                return unfilled
+    else:
+        limit = size
+    if not np.isnan(percent):
+        limit = percent * limit
+    if (direction == _LONG_ONLY and position == 0) or _is_close(limit, 0) or _is_less(limit, _MIN_SIZE):
+        return unfilled
+    received = limit * adjusted_price
+    paid_fees = received * fees
+    net = _add(received, -paid_fees)
+    if net < 0:
+        return unfilled
+    new_position = _add(position, -limit)
+    if new_position < 0:  # the part sold short is owed at its price
+        short_value = (limit if position < 0 else abs(new_position)) * adjusted_price
+        new_debt, new_free_cash = debt + short_value, _add(free_cash, _add(net, -2 * short_value))
+    else:
+        new_debt, new_free_cash = debt, free_cash + net
+    return True, limit, adjusted_price, paid_fees, cash + net, new_position, new_debt, new_free_cash
+
+@numba.njit(cache=True)
+def _execute(cash, position, debt, free_cash, valuation_price, size, size_type, direction, price, fees, slippage):
+    "vectorbt's execute_order_nb: (filled, side, size, price, fees, then cash, position, debt and free cash after)."
+    cash = 0.0 if _is_close(cash, 0) else cash  # vectorbt rounds a state this close to zero to zero first
+    position = 0.0 if _is_close(position, 0) else position
+    debt = 0.0 if _is_close(debt, 0) else debt
+    free_cash = 0.0 if _is_close(free_cash, 0) else free_cash
+    valuation_price = 0.0 if _is_close(valuation_price, 0) else valuation_price
+    if np.isnan(size) or np.isnan(price) or (size_type == _VALUE and np.isnan(valuation_price)):
+        return False, _BUY, 0.0, 0.0, 0.0, cash, position, debt, free_cash
+    percent = np.nan
+    if size_type == _VALUE:
+        size = size / valuation_price
+    elif size_type == _PERCENT:
+        percent, size = abs(size), np.sign(size) * np.inf
+    if size > 0:
+        filled, amount, fill_price, fee, cash, position, debt, free_cash = _buy(
+            cash, position, debt, free_cash, size, price, direction, fees, slippage, percent)
+        return filled, _BUY, amount, fill_price, fee, cash, position, debt, free_cash
+    filled, amount, fill_price, fee, cash, position, debt, free_cash = _sell(
+        cash, position, debt, free_cash, -size, price, direction, fees, slippage, percent)
+    return filled, _SELL, amount, fill_price, fee, cash, position, debt, free_cash
+
+# %% ../nbs/24_sweeps.ipynb #c6da31c4
+@numba.njit(cache=True)
+def _signal_order(position, enter_long, exit_long, enter_short, exit_short, size, size_type, valuation_price):
+    "The order one bar's signals place: (size, size type, direction); size 0 for none."
+    if enter_long and exit_long:
+        enter_long = exit_long = False
+    if enter_short and exit_short:
+        enter_short = exit_short = False
+    if enter_long and enter_short:
+        enter_long = enter_short = False
+    reverse = size_type == _VALUE
+    if position > 0:
+        if enter_short and reverse:
+            return -position - size / valuation_price, _AMOUNT, _BOTH
+        if exit_long or enter_short:
+            return -position, _AMOUNT, _LONG_ONLY
+        return 0.0, size_type, _BOTH
+    if position < 0:
+        if enter_long and reverse:
+            return -position + size / valuation_price, _AMOUNT, _BOTH
+        if exit_short or enter_long:
+            return -position, _AMOUNT, _SHORT_ONLY
+        return 0.0, size_type, _BOTH
+    if enter_long:
+        return size, size_type, _BOTH
+    if enter_short:
+        return -size, size_type, _BOTH
+    return 0.0, size_type, _BOTH
+
+# %% ../nbs/24_sweeps.ipynb #4ff8d6cb
+@numba.njit(cache=True)
+def _simulate_sets(enter_long, exit_long, enter_short, exit_short, fill_price, close, size, size_type, fees,
+                   slippage, initial_cash):
+    "Each set (a row of the (sets, bars) signals) simulated as run_backtest does, reduced to its _STATISTICS."
+    n_sets, n_bars = enter_long.shape
+    out = np.zeros((len(_STATISTICS), n_sets))
+    equity, returns, scratch = np.empty(n_bars), np.empty(n_bars), np.empty(n_bars)
+    pnl, pnl_scratch = np.empty(n_bars), np.empty(n_bars)
+    for s in range(n_sets):
+        cash, position, debt, free_cash, valuation_price = initial_cash, 0.0, 0.0, initial_cash, np.nan
+        booked_cash, booked_position = initial_cash, 0.0   # the equity's books, from the fills
+        in_trade, is_short, entry_bar, entry_size, entry_cost, entry_fees = False, False, -1, 0.0, 0.0, 0.0
+        closed, held, held_until = 0, 0, 0
+        for i in range(n_bars):
+            price = fill_price[i]
+            if not np.isnan(price):
+                valuation_price = price  # vectorbt values a size in quote currency at the order's price
+            asset_flow, cash_flow = 0.0, 0.0
+            if i < n_bars - 1 and (enter_long[s, i] or exit_long[s, i] or enter_short[s, i] or exit_short[s, i]):
+                order_size, order_type, direction = _signal_order(
+                    position, enter_long[s, i], exit_long[s, i], enter_short[s, i], exit_short[s, i], size[i],
+                    size_type, valuation_price)
+                if order_size != 0:
+                    filled, side, amount, paid, fee, cash, position, debt, free_cash = _execute(
+                        cash, position, debt, free_cash, valuation_price, order_size, order_type, direction, price,
+                        fees, slippage)
+                    if filled:
+                        signed = amount if side == _BUY else -amount
+                        asset_flow, cash_flow = _add(0.0, signed), _add(0.0, -signed * paid - fee)
+                        if not in_trade:
+                            in_trade, is_short, entry_bar = True, side == _SELL, i
+                            entry_size, entry_cost, entry_fees = 0.0, 0.0, 0.0
+                        if is_short == (side == _SELL):  # the trade grows
+                            entry_size += amount
+                            entry_cost += amount * paid
+                            entry_fees += fee
+                        else:  # the trade closes, shrinks, or closes and reverses
+                            closes = _is_close(amount, entry_size)
+                            reverses = not closes and amount > entry_size
+                            exit_size = entry_size if closes or reverses else amount
+                            exit_fees = exit_size / amount * fee if reverses else fee
+                            entry_price = entry_cost / entry_size
+                            difference = _add(exit_size * paid, -(exit_size * entry_price))
+                            if difference != 0 and is_short:
+                                difference *= -1
+                            pnl[closed] = difference - exit_size / entry_size * entry_fees - exit_fees
+                            closed += 1
+                            held += max(0, i + 1 - max(entry_bar + 1, held_until))  # held from the fill's bar
+                            held_until = max(held_until, i + 1)
+                            if closes:
+                                in_trade = False
+                            elif reverses:
+                                entry_size = amount - exit_size
+                                entry_cost, entry_fees = entry_size * paid, fee - exit_fees
+                                is_short, entry_bar = not is_short, i
+                            else:
+                                remaining = (entry_size - amount) / entry_size
+                                entry_size *= remaining
+                                entry_cost *= remaining
+                                entry_fees *= remaining
+            booked_position, booked_cash = _add(booked_position, asset_flow), _add(booked_cash, cash_flow)
+            equity[i] = booked_cash + (0.0 if booked_position == 0 else close[i]) * booked_position
+        if in_trade and _is_less(-entry_size, 0):  # open at the end: held to the last bar
+            held += max(0, n_bars - max(entry_bar + 1, held_until))
+        mean, deviation, downside, max_drawdown = _curve_statistics(equity, initial_cash, returns, scratch)
+        wins, gains, losses = _trade_totals(pnl, closed, pnl_scratch)
+        out[0, s], out[1, s], out[2, s], out[3, s], out[4, s] = equity[-1], mean, deviation, downside, max_drawdown
+        out[5, s], out[6, s], out[7, s], out[8, s], out[9, s] = closed, wins, gains, losses, held
+    return out
+
+def _own_simulation_inputs(arrays: dict, config: BacktestConfig) -> dict[str, Any]:
+    "What _simulate_sets takes besides the signals: fill prices, closes to value at, each bar's size, the costs."
+    close = arrays["close"][:, 0]
+    if np.isnan(close).any():  # valued at the nearest close, as _column_values does
+        close = pd.Series(close).ffill().bfill().to_numpy()
+    size = np.asarray(arrays["size"], dtype=float).reshape(-1)
+    return {"fill_price": np.ascontiguousarray(arrays["price"][:, 0]), "close": np.ascontiguousarray(close),
+            "size": np.ascontiguousarray(np.broadcast_to(size, close.shape) if size.size == 1 else size),
+            "size_type": _VALUE if arrays["size_type"] == "value" else _PERCENT,
+            "fees": config.taker_fee_bps / 1e4, "slippage": config.slippage_bps / 1e4,
+            "initial_cash": float(config.initial_cash)}
+
+def _covered(config: BacktestConfig, stops: dict) -> bool:
+    "Whether the kit's own simulation covers these sets: no stop-loss or take-profit, no volume-based impact."
+    return (config.impact_coefficient == 0 and bool(np.isnan(stops["stop_loss"]).all())
+            and bool(np.isnan(stops["take_profit"]).all()))
 
 # %% ../nbs/24_sweeps.ipynb #b6dfb6ae
 @dataclass
@@ -190,18 +533,23 @@ class SweepResult:
 
 # %% ../nbs/24_sweeps.ipynb #a1ccf7e6
 def _sweep_chunk(cls: type[Strategy], frame: pd.DataFrame, arrays: dict, strategies: list[Strategy],
-                 config: BacktestConfig, freq: pd.Timedelta, periods: float) -> dict[str, np.ndarray]:
-    "The metrics of one chunk of sets: their signals, one vectorbt run with a column (and its own cash) per set."
-    chunk = _with_signals(arrays, _signal_arrays(cls, frame, strategies), pd.RangeIndex(len(strategies), name="set"))
+                 config: BacktestConfig, freq: pd.Timedelta, periods: float, simulation: str) -> dict[str, np.ndarray]:
+    "The metrics of one chunk of sets: the kit's own simulation where it covers them all, else one vectorbt run."
+    signals = _signal_arrays(cls, frame, strategies)
     own_stops = [_stops(strategy, config) for strategy in strategies]
     stops = {key: np.array([stops[key] for stops in own_stops]) for key in ("stop_loss", "take_profit", "trailing")}
+    if simulation == "auto" and _covered(config, stops):
+        statistics = _simulate_sets(*(signals[name].T for name in SIGNAL_COLUMNS), **arrays["own_simulation"])
+        return _metrics_from_statistics(statistics, config.initial_cash, len(frame), periods)
+    chunk = _with_signals(arrays, signals, pd.RangeIndex(len(strategies), name="set"))
     portfolio, records, _ = _run_simulation(chunk, config, stops, freq, shared_cash=False)
     values = _column_values(portfolio, chunk, config.initial_cash)[0]
     return _metrics_by_column(values, records, _held(records, chunk["enter_long"].shape), config.initial_cash, periods)
 
 def sweep(strategy_class: type[Strategy], bars: pd.DataFrame, grid: Mapping[str, Sequence] | None = None, *,
           config: BacktestConfig | None = None, metric: str = "sharpe", chunk_size: int = 250,
-          random: int | None = None, seed: int = 0, progress: bool = True) -> SweepResult:
+          random: int | None = None, seed: int = 0, progress: bool = True,
+          simulation: Literal["auto", "vectorbt"] = "auto") -> SweepResult:
     "Backtest every parameter set of `grid` (or `random` sets drawn from it) on one symbol's `bars`; rank by `metric`."
     config = config or BacktestConfig()
     _check_metric(metric)
@@ -209,6 +557,9 @@ def sweep(strategy_class: type[Strategy], bars: pd.DataFrame, grid: Mapping[str,
         raise BacktestError(f"strategy {strategy_class.name!r} is multi-asset; a sweep runs one symbol's strategy")
     if chunk_size < 1:
         raise BacktestError(f"chunk_size={chunk_size}: expected at least 1 parameter set per chunk")
+    if simulation not in ("auto", "vectorbt"):
+        raise BacktestError(f"simulation={simulation!r}: expected 'auto' (the kit's own where it covers the sets, "
+                            "else vectorbt) or 'vectorbt'")
     aligned = _aligned(bars, None)
     symbols = list(dict.fromkeys(aligned.columns.get_level_values(1)))
     if len(symbols) != 1:
@@ -225,12 +576,13 @@ def sweep(strategy_class: type[Strategy], bars: pd.DataFrame, grid: Mapping[str,
     frame = aligned.xs(symbols[0], axis=1, level=1)
     arrays = _bar_arrays(aligned, symbols)
     arrays["size"], arrays["size_type"] = _sizes(config, aligned["close"][symbols], timeframe)
+    arrays["own_simulation"] = _own_simulation_inputs(arrays, config)
     freq, periods = timeframe_delta(timeframe), periods_per_year(timeframe)
     parts = []
     starts = range(0, len(strategies), chunk_size)
     for start in tqdm(starts, desc=f"sweep {strategy_class.name}", unit="chunk", disable=not progress):
         parts.append(_sweep_chunk(strategy_class, frame, arrays, strategies[start:start + chunk_size], config, freq,
-                                  periods))
+                                  periods, simulation))
     metrics = {name: np.concatenate([part[name] for part in parts]) for name in METRIC_COLUMNS}
     table = pd.concat([pd.DataFrame([strategy.params for strategy in strategies]), pd.DataFrame(metrics)], axis=1)
     best = _ranked(table, metric).index[0]

@@ -1,0 +1,120 @@
+"""Execution-core benchmark: intents per second through risk -> plan -> paper fill -> ledger with every event
+persisted, on SQLite and PostgreSQL, against a naive ledger (one database transaction per event) in the same run;
+and the pre-chain latency, submit -> plan.created, p50 and p99.
+
+Run: .venv/bin/python bench/bench_execution.py [--quick]   (about a minute; starts a throwaway PostgreSQL on
+127.0.0.1 when its binaries are installed)
+"""
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from decimal import Decimal
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from defai_kit.events import EventEnvelope  # noqa: E402
+from defai_kit.execution import ExecutionEngine  # noqa: E402
+from defai_kit.intents import Intent  # noqa: E402
+from defai_kit.ledger import Ledger, compare_read_models  # noqa: E402
+from defai_kit.risk import RiskEngine, RiskLimits  # noqa: E402
+from defai_kit.store import open_store, upgrade_database  # noqa: E402
+from defai_kit.venues import PaperVenue  # noqa: E402
+
+QUICK = "--quick" in sys.argv
+INTENTS = 2_000 if QUICK else 10_000
+LIMITS = RiskLimits.of(max_notional="1000000", max_slippage_bps="100", max_position="100000000",
+                       max_gross_exposure="1000000000", allowed_venues=["paper"], allowed_assets=["BTC", "USDT"],
+                       rate_limit=10_000_000)
+
+
+class NaiveLedger(Ledger):
+    "The baseline: every event in its own transaction, written the moment it arrives."
+
+    def receive(self, event: EventEnvelope) -> None:
+        self._buffer.append(event)
+        self._flush()
+
+
+def make_core(url: str, naive: bool = False) -> ExecutionEngine:
+    engine = open_store(url)
+    upgrade_database(engine)
+    venue = PaperVenue("paper", {"USDT": "10000000000", "BTC": "0"}, fee_bps=10, slippage_bps=2)
+    venue.update_market("BTC/USDT", Decimal("30000"), quote_volume=Decimal("1000000000"))
+    core = ExecutionEngine(engine, {"paper": venue}, risk=RiskEngine(LIMITS), poll_seconds=0.001)
+    core.update_mark("BTC/USDT", Decimal("30000"))
+    if naive:
+        original = Ledger.open
+        Ledger.open = classmethod(lambda cls, engine: NaiveLedger(engine))   # this process only
+        core._restore = lambda: setattr(Ledger, "open", original)
+    return core
+
+
+async def throughput(url: str, count: int, naive: bool = False) -> tuple[float, int, list[str]]:
+    core = make_core(url, naive)
+    intents = [Intent.of(symbol="BTC/USDT", side="buy", quantity="0.001", max_slippage_bps=50) for _ in range(count)]
+    async with core:
+        await core.fund("paper", "USDT", "10000000000")
+        began = time.perf_counter()
+        for intent in intents:
+            await core.submit_intent(intent)
+        for intent in intents:
+            await core.wait(intent.intent_id, timeout=600)
+        seconds = time.perf_counter() - began
+    if naive:
+        core._restore()
+    completed = sum(1 for row in core.ledger.models.intents.values() if row["state"] == "completed")
+    differences = compare_read_models(core.engine)
+    core.engine.dispose()
+    return seconds, completed, differences
+
+
+async def latency(url: str, count: int) -> list[float]:
+    "submit -> plan.created, one intent at a time (the flow is otherwise idle)."
+    core = make_core(url)
+    seen: dict[str, float] = {}
+    async with core:
+        await core.fund("paper", "USDT", "10000000000")
+        core.bus.subscribe("plan.created", lambda event: seen.setdefault(event.correlation_id, time.perf_counter()))
+        samples = []
+        for _ in range(count):
+            intent = Intent.of(symbol="BTC/USDT", side="buy", quantity="0.001")
+            began = time.perf_counter()
+            await core.submit_intent(intent)
+            await core.wait(intent.intent_id)
+            samples.append((seen[intent.intent_id] - began) * 1e3)
+    core.engine.dispose()
+    return samples
+
+
+def run(url: str, label: str) -> None:
+    seconds, completed, differences = asyncio.run(throughput(url, INTENTS))
+    naive_count = INTENTS // 5
+    naive_seconds, naive_completed, _ = asyncio.run(throughput(url, naive_count, naive=True))
+    rate, naive_rate = completed / seconds, naive_completed / naive_seconds
+    print(f"{label:<10} {INTENTS:,} intents, every event stored: {rate:>8,.0f} intents/s "
+          f"({rate * 8:,.0f} events/s); replay equals live: {not differences}")
+    print(f"{label:<10} naive ledger, one transaction per event ({naive_count:,} intents): {naive_rate:,.0f} intents/s"
+          f"  => {rate / naive_rate:,.1f}x")
+    samples = sorted(asyncio.run(latency(url, 200 if QUICK else 1_000)))
+    p50, p99 = statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
+    print(f"{label:<10} submit -> plan.created, one at a time: p50 {p50:.3f} ms, p99 {p99:.3f} ms")
+
+
+def main() -> None:
+    print("== defai-kit execution benchmark ==")
+    with tempfile.TemporaryDirectory() as folder:
+        run(f"sqlite:///{folder}/bench.db", "SQLite")
+    try:
+        from servers import PostgresServer
+        with PostgresServer() as server:
+            run(server.create_database("bench"), "PostgreSQL")
+    except RuntimeError as exc:
+        print(f"PostgreSQL skipped: {exc}")
+
+
+if __name__ == "__main__":
+    main()
