@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import math
 import time
 from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
+from typing import Annotated, Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Union
 
 import msgspec
-from msgspec import Raw, Struct, field
-
-try:   # the same gzip, read about twice as fast; zlib-ng comes with ccxt
-    from zlib_ng import gzip_ng as _gzip
-except ImportError:
-    import gzip as _gzip
+from msgspec import Meta, Raw, Struct, field
+from zlib_ng import gzip_ng   # gzip files, decompressed about twice as fast as by the standard library
 
 import defai_kit
 from .bus import InProcessBus
@@ -109,11 +106,27 @@ class _Message(Struct):
 
 _decode_message = msgspec.json.Decoder(_Message).decode
 _decode_snapshot = msgspec.json.Decoder(BookSnapshot, strict=False).decode
-_DECODERS = {"trade": msgspec.json.Decoder(Trade, strict=False).decode,
-             "bookTicker": msgspec.json.Decoder(Quote, strict=False).decode,
-             "depth": msgspec.json.Decoder(DepthDiff, strict=False).decode}
-_STREAMS: dict[bytes, Any] = {}   # stream name -> the decoder of its `data`, learnt by the general path
-_STREAM_KEY, _DATA_KEY = b'{"stream":"', b'","data":'
+_RECORDS = {"trade": Trade, "bookTicker": Quote, "depth": DepthDiff}   # stream kind -> the record of its `data`
+_DECODERS = {kind: msgspec.json.Decoder(record, strict=False).decode for kind, record in _RECORDS.items()}
+
+class _NoStream(Struct, tag_field="stream", tag=""):
+    "Never decodes (no int is >= 1 and <= 0): it keeps the union at two members or more, where the tag is required."
+    data: Annotated[int, Meta(ge=1, le=0)]
+
+_MAX_STREAMS = 1024   # Binance's limit per connection
+_MESSAGES: dict[str, type] = {}   # stream name -> the struct of its whole message, tagged with the name
+
+def _decode_known(body: bytes) -> Any:
+    raise msgspec.ValidationError("no stream met yet")
+
+def _learn_stream(stream: str, record: type) -> None:
+    "Decode the messages of `stream` in one pass from now on."
+    global _decode_known
+    if stream in _MESSAGES or len(_MESSAGES) >= _MAX_STREAMS:
+        return
+    _MESSAGES[stream] = msgspec.defstruct(f"_{record.__name__}Message", [("data", record)],
+                                          tag_field="stream", tag=stream, gc=False)
+    _decode_known = msgspec.json.Decoder(Union[(_NoStream, *_MESSAGES.values())], strict=False).decode
 
 def _decode_message_body(body: bytes, line: bytes, symbol: str) -> MarketRecord:
     "The general path: parse the wrapper, then `data` with the decoder its stream names."
@@ -125,28 +138,20 @@ def _decode_message_body(body: bytes, line: bytes, symbol: str) -> MarketRecord:
         return record
     stream = message.stream
     kind = stream[stream.find("@") + 1:]
-    decode = _DECODERS.get("depth" if kind.startswith("depth") else kind)
-    if decode is None:
+    kind = "depth" if kind.startswith("depth") else kind
+    if kind not in _RECORDS:
         raise FeedError(f"capture line {bytes(line[:80])!r}: unsupported stream {stream!r}")
-    record = decode(message.data)
-    if len(_STREAMS) < 4096:
-        _STREAMS[stream.encode()] = decode
+    record = _DECODERS[kind](message.data)
+    _learn_stream(stream, _RECORDS[kind])
     return record
 
 def decode_line(line: bytes, symbol: str = "") -> MarketRecord:
     "One capture line `<receive ns> <JSON>` as a typed record; `symbol` names a snapshot that carries none."
     stamp, _, body = line.partition(b" ")
     try:
-        record = None
-        if body[:11] == _STREAM_KEY:   # Binance's own layout: slice `data` out rather than parse the wrapper too
-            end = body.find(_DATA_KEY, 11)
-            decode = _STREAMS.get(body[11:end])
-            if decode is not None:
-                try:
-                    record = decode(body[end + 9:body.rfind(b"}")])
-                except msgspec.DecodeError:
-                    pass   # not that layout after all: the general path decodes it, or names the error
-        if record is None:
+        try:
+            record = _decode_known(body).data   # one pass, for the streams met before
+        except msgspec.DecodeError:   # a stream not met yet, a snapshot, or a bad message: the general path tells
             record = _decode_message_body(body, line, symbol)
         if type(record) is Trade:
             record.aggressor = "sell" if record.buyer_is_maker else "buy"
@@ -158,7 +163,7 @@ def decode_line(line: bytes, symbol: str = "") -> MarketRecord:
 # %% ../nbs/14_feeds.ipynb #a5fb5f25
 def capture_lines(path: str | Path, chunk_bytes: int = 1 << 16) -> Iterator[bytes]:
     "The non-empty lines of a capture file, gzip or plain, without their line ends."
-    with (_gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")) as file:
+    with (gzip_ng.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")) as file:
         rest = b""
         while chunk := file.read(chunk_bytes):   # split in C, many lines at a time: faster than line by line
             lines = (rest + chunk).split(b"\n")
@@ -199,31 +204,54 @@ class Resync(NamedTuple):
 
 # %% ../nbs/14_feeds.ipynb #61eb8262
 class _BookSide:
-    "The price levels of one side, best price found through a lazily cleaned heap."
-    __slots__ = ("levels", "_heap", "_sign")
+    "The price levels of one side; the best found through a heap of the best levels, refilled from the map when dry."
+    __slots__ = ("levels", "_heap", "_sign", "_limit")
+    HEAP_LEVELS = 64   # how many of the best levels a refill puts in the heap
 
     def __init__(self, sign: int):
         self.levels: dict[float, float] = {}
-        self._heap: list[float] = []
         self._sign = sign   # -1 for bids (highest first), +1 for asks (lowest first)
+        self._empty_heap()
+
+    def _empty_heap(self) -> None:
+        self._heap: list[float] = []          # sign * price, best on top; removed prices stay until they reach it
+        self._limit = -self._sign * math.inf   # every level at or better than this price is in the heap: none yet
 
     def replace(self, changes: Iterable[tuple[float, float]]) -> None:
         self.levels.clear()
-        self._heap.clear()
+        self._empty_heap()
         self.update(changes)
 
     def update(self, changes: Iterable[tuple[float, float]]) -> None:
-        levels, heap, sign = self.levels, self._heap, self._sign
-        for price, quantity in changes:
-            if quantity == 0.0:
-                levels.pop(price, None)
-            else:
-                if price not in levels:
-                    heapq.heappush(heap, sign * price)
-                levels[price] = quantity
-        if len(heap) > 2 * len(levels) + 64:
-            self._heap = [sign * price for price in levels]
-            heapq.heapify(self._heap)
+        levels, heap, limit = self.levels, self._heap, self._limit
+        remove, push = levels.pop, heapq.heappush
+        if self._sign < 0:   # bids: the heap holds minus the price, so that the highest comes first
+            for price, quantity in changes:
+                if quantity:
+                    if price >= limit and price not in levels:
+                        push(heap, -price)
+                    levels[price] = quantity
+                else:
+                    remove(price, None)
+        else:
+            for price, quantity in changes:
+                if quantity:
+                    if price <= limit and price not in levels:
+                        push(heap, price)
+                    levels[price] = quantity
+                else:
+                    remove(price, None)
+        if len(heap) > 4 * self.HEAP_LEVELS:   # mostly removed or repeated prices by now
+            sign = self._sign
+            self._refill({sign * key for key in heap if sign * key in levels}, limit)
+
+    def _refill(self, prices: Iterable[float], limit: float) -> None:
+        "Fill the heap with the best HEAP_LEVELS of `prices`; when there were more, the limit is the worst of those."
+        best = (heapq.nlargest if self._sign < 0 else heapq.nsmallest)(self.HEAP_LEVELS + 1, prices)
+        if len(best) > self.HEAP_LEVELS:
+            best.pop()
+            limit = best[-1]
+        self._heap, self._limit = [self._sign * price for price in best], limit   # sorted best first: a heap
 
     def best(self) -> Level | None:
         heap, levels, sign = self._heap, self.levels, self._sign
@@ -232,7 +260,10 @@ class _BookSide:
             if quantity is not None:
                 return Level(sign * heap[0], quantity)
             heapq.heappop(heap)
-        return None
+        if not levels:
+            return None
+        self._refill(levels, sign * math.inf)   # dry: the best levels of the whole side
+        return self.best()
 
     def top(self, count: int) -> list[Level]:
         pick = heapq.nsmallest if self._sign > 0 else heapq.nlargest
@@ -267,11 +298,17 @@ class OrderBook:
         self.resyncs.append(Resync(snapshot.received_ns, snapshot.last_update_id, "snapshot"))
         for diff in list(self._recent):
             self._advance(diff)
+        if self.state == "live":   # joined: the kept diffs have served
+            self._recent.clear()
 
     def apply_diff(self, diff: DepthDiff) -> bool:
         "Apply one diff if it continues the book; returns whether it was applied."
-        self._recent.append(diff)
-        return self._advance(diff)
+        applied = self._advance(diff)
+        if self.state == "live" and not self.partial:   # in step since a snapshot: no diff is kept
+            self._recent.clear()
+        else:   # waiting for a snapshot: it may need this diff
+            self._recent.append(diff)
+        return applied
 
     def _advance(self, diff: DepthDiff) -> bool:
         last, futures = self.last_update_id, diff.previous_update_id is not None

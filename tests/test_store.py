@@ -25,7 +25,8 @@ def test_upgrade_creates_schema_once(engine):
     assert {"events", "bars", "alembic_version"} <= tables
     state = database_state(engine)
     assert state.up_to_date and state.revision == head_revision()
-    assert state.tables == {"backtest_runs": 0, "bars": 0, "events": 0}
+    assert state.tables == {name: 0 for name in ("backtest_runs", "balances", "bars", "events", "fills", "intents",
+                                                  "orders", "plans", "positions")}
 
 
 def test_time_series_tables_stay_plain_without_timescale(engine):
