@@ -35,8 +35,7 @@ class NaiveLedger(Ledger):
     "The baseline: every event in its own transaction, written the moment it arrives."
 
     def receive(self, event: EventEnvelope) -> None:
-        self._buffer.append(event)
-        self._flush()
+        self.write([event])
 
 
 def make_core(url: str, naive: bool = False) -> ExecutionEngine:
