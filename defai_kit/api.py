@@ -1,4 +1,4 @@
-"""The HTTP service over the kit: health, state and the event trail, every route but `/health` behind a token.
+"""The HTTP service over the kit: health, state, the event trail, runs and agents, every route but `/health` behind a token.
 
 Docs: https://defai-kit.github.io/defai-kit/api.html.md"""
 
@@ -8,9 +8,9 @@ Docs: https://defai-kit.github.io/defai-kit/api.html.md"""
 from __future__ import annotations
 
 import hmac
-from typing import Any
+from typing import Any, Callable
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -18,12 +18,14 @@ from sqlalchemy.engine import Engine
 from starlette.exceptions import HTTPException
 
 import defai_kit
+from .agents import (AgentConfig, AgentConflict, AgentError, AgentNotFound, AgentStore,
+                              LiveTradingRefused, agent_report)
 from .runs import RunError, RunStore
 from .settings import Settings, SettingsError
 from .store import EventStore, StoreError, database_state, open_store
 
 # %% auto #0
-__all__ = ['ErrorBody', 'ErrorResponse', 'error_response', 'EventOut', 'create_app']
+__all__ = ['ErrorBody', 'ErrorResponse', 'error_response', 'EventOut', 'create_app', 'agent_routes']
 
 # %% ../nbs/80_api.ipynb #30600eaf
 class ErrorBody(BaseModel):
@@ -143,4 +145,63 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         "One stored run."
         return RunStore(store_engine()).get(run_id).summary()
 
+    agent_routes(app, store_engine, settings, secured)
     return app
+
+# %% ../nbs/80_api.ipynb #791a1b76
+_AGENT_ERRORS = ((AgentNotFound, 404, "not_found"), (AgentConflict, 409, "conflict"),
+                 (LiveTradingRefused, 403, "forbidden"))
+
+def agent_routes(app: FastAPI, store_engine: Callable[[], Engine], settings: Settings, secured: list) -> None:
+    "Add the `/v1/agents` routes: list, create, read, update, start, stop, delete, and the audit of ticks."
+
+    @app.exception_handler(AgentError)
+    async def _agent_error(request: Request, exc: AgentError) -> JSONResponse:
+        status, code = next(((s, c) for kind, s, c in _AGENT_ERRORS if isinstance(exc, kind)), (422, "invalid_request"))
+        return error_response(status, code, str(exc), exc.field)
+
+    def agents() -> AgentStore:
+        return AgentStore(store_engine(), settings)
+
+    @app.get("/v1/agents", dependencies=secured)
+    def list_agents(state: str | None = Query(None, pattern="^(stopped|running)$")) -> list[dict[str, Any]]:
+        "Every agent, by id: config, state, mode, version, times and lease."
+        return [record.summary() for record in agents().list(state)]
+
+    @app.post("/v1/agents", dependencies=secured, status_code=201)
+    def create_agent(config: dict[str, Any] = Body(...)) -> dict[str, Any]:
+        "Create a stopped agent from its config."
+        return agents().create(AgentConfig.of(**config)).summary()
+
+    @app.get("/v1/agents/{agent_id}", dependencies=secured)
+    def read_agent(agent_id: str, ticks: int = Query(5, ge=0, le=100)) -> dict[str, Any]:
+        "One agent with its account and its last `ticks` audit records."
+        return agent_report(agents(), agent_id, ticks)
+
+    @app.patch("/v1/agents/{agent_id}", dependencies=secured)
+    def update_agent(agent_id: str, changes: dict[str, Any] = Body(...),
+                     version: int | None = Query(None, ge=1)) -> dict[str, Any]:
+        "Change a stopped agent's config; with `version`, only if nobody changed it since."
+        return agents().update(agent_id, changes, version).summary()
+
+    @app.post("/v1/agents/{agent_id}/start", dependencies=secured)
+    def start_agent(agent_id: str, version: int | None = Query(None, ge=1)) -> dict[str, Any]:
+        "Let the runner tick the agent."
+        return agents().start(agent_id, version).summary()
+
+    @app.post("/v1/agents/{agent_id}/stop", dependencies=secured)
+    def stop_agent(agent_id: str, version: int | None = Query(None, ge=1)) -> dict[str, Any]:
+        "Stop ticking the agent."
+        return agents().stop(agent_id, version).summary()
+
+    @app.delete("/v1/agents/{agent_id}", dependencies=secured)
+    def delete_agent(agent_id: str, version: int | None = Query(None, ge=1)) -> dict[str, Any]:
+        "Retire a stopped agent."
+        return agents().delete(agent_id, version).summary()
+
+    @app.get("/v1/agents/{agent_id}/ticks", dependencies=secured)
+    def agent_ticks(agent_id: str, limit: int = Query(20, ge=1, le=1000)) -> list[dict[str, Any]]:
+        "The agent's audit records, newest first: bar, data hash, signals, decisions, intents, outcome."
+        store = agents()
+        store.get(agent_id)
+        return store.ticks(agent_id, limit)

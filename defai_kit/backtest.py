@@ -310,7 +310,7 @@ def _costs(config: BacktestConfig, arrays: dict, portfolio, records, codes) -> t
         orders = portfolio.orders.values
         cell = orders["idx"], orders["col"]
         quote_volume = np.broadcast_to(arrays["volume"], shape)[cell] * np.broadcast_to(arrays["close"], shape)[cell]
-        notional = np.abs(orders["size"] * orders["price"])
+        notional = np.abs(orders["size"] * np.broadcast_to(arrays["price"], shape)[cell])   # before costs, as a venue prices it
         with np.errstate(divide="ignore", invalid="ignore"):
             impact = config.impact_coefficient * np.sqrt(np.where(quote_volume > 0, notional / quote_volume, np.inf))
         slippage[cell] += np.minimum(impact, 0.1)  # capped at 10 %: no fill is worse than that

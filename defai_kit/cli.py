@@ -19,10 +19,12 @@ from .logs import configure_logging
 from .settings import DefaiError, Settings, load_settings, settings_example
 
 # %% auto #0
-__all__ = ['app', 'db_app', 'settings_app', 'api_app', 'data_app', 'runs_app', 'CONFIG_HELP', 'version', 'demo', 'db_upgrade',
-           'db_state', 'data_import', 'data_fetch', 'data_list', 'settings_show', 'settings_example_command',
-           'api_serve', 'CommandLineError', 'strategies', 'backtest', 'walk_forward_command', 'runs_list', 'runs_show',
-           'runs_compare', 'replay', 'run', 'main']
+__all__ = ['app', 'db_app', 'settings_app', 'api_app', 'data_app', 'runs_app', 'CONFIG_HELP', 'WORKER_ROLES', 'agent_app',
+           'AGENT_SET_HELP', 'RISK_HELP', 'version', 'demo', 'db_upgrade', 'db_state', 'data_import', 'data_fetch',
+           'data_list', 'settings_show', 'settings_example_command', 'api_serve', 'CommandLineError', 'strategies',
+           'backtest', 'walk_forward_command', 'runs_list', 'runs_show', 'runs_compare', 'replay', 'paper_venues',
+           'run_worker', 'worker', 'agent_create', 'agent_list', 'agent_show', 'agent_update', 'agent_start',
+           'agent_stop', 'agent_delete', 'agent_tick', 'agent_run', 'reconcile', 'run', 'main']
 
 # %% ../nbs/90_cli.ipynb #23c5dbcd
 app = typer.Typer(help="defai-kit: research, backtest and trade crypto and DeFi, from notebooks to production.",
@@ -299,6 +301,270 @@ def replay(check: bool = typer.Option(False, "--check", help="Only compare the s
         return
     counts = rebuild_read_models(engine)
     typer.echo("read models rebuilt from the event store: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
+
+# %% ../nbs/90_cli.ipynb #5900227c
+import asyncio
+import os
+import signal
+import threading
+from decimal import Decimal
+from typing import Any, Callable
+
+WORKER_ROLES = {"core": "the ledger and risk: exactly one per deployment",
+                "planner": "plans accepted intents, in queue group `planners`",
+                "orchestrator": "runs plans on the venues, in queue group `orchestrators`"}
+
+def _check_worker(role: str, settings: Settings | None = None) -> None:
+    "A known role, and a NATS bus in the settings (when given)."
+    from defai_kit.settings import SettingsError
+    if role not in WORKER_ROLES:
+        raise CommandLineError(f"--role {role!r}: must be one of {', '.join(WORKER_ROLES)}")
+    if settings is not None and not settings.bus_url:
+        raise SettingsError("DEFAI_BUS_URL: a worker needs a NATS bus (nats://host:4222); "
+                            "the in-process bus cannot reach other processes")
+
+def paper_venues(prices: dict[str, str], balances: dict[str, str], fee_bps: str = "10", slippage_bps: str = "0",
+                 name: str = "paper") -> dict[str, Any]:
+    "One paper venue named `name`, with market `prices` (symbol -> price) and `balances` (asset -> amount)."
+    from defai_kit.venues import PaperVenue
+    venue = PaperVenue(name, balances, fee_bps=fee_bps, slippage_bps=slippage_bps)
+    for symbol, price in prices.items():
+        venue.update_market(symbol, price)
+    return {name: venue}
+
+async def run_worker(role: str, settings: Settings, venues: dict[str, Any], stop: asyncio.Event, *,
+                     marks: dict[str, Decimal] | None = None, echo: Callable[[str], Any] = print) -> dict[str, Any]:
+    "Run the components of `role` on the NATS bus of `settings` until `stop` is set, then stop gracefully."
+    from defai_kit.execution import Orchestrator, PlannerStage, RiskStage
+    from defai_kit.ledger import Ledger
+    from defai_kit.nats_bus import bus_from_settings
+    from defai_kit.risk import RiskEngine
+    from defai_kit.store import StoreError, database_state, open_store
+    _check_worker(role, settings)
+    marks = dict(marks or {})                        # latest prices, shared by this process's components
+    bus = bus_from_settings(settings, client_name=f"defai-worker-{role}-{os.getpid()}")
+    ledger = engine = orchestrator = None
+    intake: list[Any] = []
+    try:
+        await bus.connect()
+        if role == "core":
+            engine = open_store(settings.store_url)
+            state = database_state(engine)
+            if not state.up_to_date:
+                raise StoreError(f"{state.url}: schema at revision {state.revision}, the kit needs {state.head}: "
+                                 "run `defai db upgrade` first")
+            ledger = Ledger.open(engine)
+            intake += ledger.attach(bus)
+            intake += RiskStage(RiskEngine.from_settings(settings), ledger.models, venues, marks).attach(bus)
+        elif role == "planner":
+            intake += PlannerStage(venues, marks).attach(bus)
+        else:
+            orchestrator = Orchestrator(venues, marks)
+            intake += orchestrator.attach(bus)
+        await bus.ready()
+        echo(f"worker {role} ready on {settings.bus_url} (pid {os.getpid()})")
+        await stop.wait()
+    finally:                                         # take nothing new, finish what was taken, commit, disconnect
+        for subscription in intake:
+            bus.unsubscribe(subscription)
+        if orchestrator is not None:
+            await orchestrator.drain()
+        await bus.close(drain=False)
+        if ledger is not None:
+            await ledger.flush()
+            ledger.close()
+        if engine is not None:
+            engine.dispose()
+    stats = dict(bus.stats(), subscriptions=[subscription.stats() for subscription in intake])
+    handled = sum(subscription.delivered for subscription in intake)
+    echo(f"worker {role} stopped: {handled} events handled, {stats['published']} published")
+    return stats
+
+@app.command()
+def worker(
+    role: str = typer.Option(..., help="core (ledger + risk, exactly one), planner or orchestrator"),
+    price: list[str] = typer.Option([], "--price", help="Paper market price SYMBOL=PRICE, repeatable (BTC/USDT=30000)"),
+    balance: list[str] = typer.Option([], "--balance", help="Paper venue balance ASSET=AMOUNT, repeatable"),
+    fee_bps: str = typer.Option("10", help="Paper venue fee, basis points"),
+    slippage_bps: str = typer.Option("0", help="Paper venue slippage, basis points"),
+) -> None:
+    "Run the execution components of one role over NATS (DEFAI_BUS_URL, DEFAI_DATABASE_URL) until SIGTERM."
+    _check_worker(role)
+    prices = _assignments(price, "--price")
+    venues = paper_venues(prices, _assignments(balance, "--balance"), fee_bps, slippage_bps)
+    marks = {symbol: Decimal(value) for symbol, value in prices.items()}     # checked by the venue above
+    settings = _settings()
+    _check_worker(role, settings)
+    async def until_stopped() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if threading.current_thread() is threading.main_thread():   # signals reach the main thread only
+            for signal_number in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signal_number, stop.set)
+        await run_worker(role, settings, venues, stop, marks=marks, echo=typer.echo)
+    from defai_kit.bus import run_sync
+    run_sync(until_stopped())
+
+# %% ../nbs/90_cli.ipynb #7ef3f5d2
+agent_app = typer.Typer(help="Trading agents: create, change, start, stop, delete; tick once or run on schedule.",
+                        no_args_is_help=True)
+app.add_typer(agent_app, name="agent")
+
+AGENT_SET_HELP = ("Agent setting NAME=VALUE, repeatable: exchange, venue, timeframe, schedule, tick_delay_seconds, "
+                  "lookback, sizing (fixed_notional|equity_fraction), notional, fraction, initial_cash, fee_bps, "
+                  "slippage_bps, impact_coefficient, max_slippage_bps")
+RISK_HELP = ("Risk limit NAME=VALUE, repeatable (names in defai_kit.risk.RiskLimits; allowed_* lists comma-separated; "
+             "none removes the agent's own limit)")
+_OWN_OPTIONS = {"agent_id": "the ID argument", "strategy": "--strategy", "params": "--param", "symbols": "--symbol",
+                "risk_limits": "--risk", "mode": "--mode"}
+
+def _agent_store():
+    "The agents of the store the settings name."
+    from defai_kit.agents import AgentStore
+    from defai_kit.store import open_store
+    settings = _settings()
+    return AgentStore(open_store(settings.store_url), settings)
+
+def _agent_values(strategy: str | None, symbols: list[str], params: list[str], settings: list[str], risk: list[str],
+                  mode: str | None, current=None) -> dict:
+    "The config fields a create or update command gives, parsed; `current` is the config an update starts from."
+    from defai_kit.strategy import parse_params, strategy_class
+    values: dict = {}
+    if strategy is not None:
+        values["strategy"] = strategy
+    if symbols:
+        values["symbols"] = list(symbols)
+    name = strategy or (current.strategy if current is not None else None)
+    kept = dict(current.params) if current is not None and name == current.strategy else {}
+    if params:
+        values["params"] = {**kept, **parse_params(strategy_class(name), params)}
+    elif strategy is not None and current is not None and strategy != current.strategy:
+        values["params"] = {}                       # a new strategy starts from its own defaults
+    for key, text in _assignments(settings, "--set").items():
+        if key in _OWN_OPTIONS:
+            raise CommandLineError(f"--set {key}: give it with {_OWN_OPTIONS[key]}")
+        values[key] = None if text.lower() in ("", "none") else text
+    if risk:
+        limits = dict(current.risk_limits) if current is not None else {}
+        for key, text in _assignments(risk, "--risk").items():
+            if text.lower() in ("", "none"):
+                limits.pop(key, None)
+            else:
+                limits[key] = [item.strip() for item in text.split(",") if item.strip()] if key.startswith("allowed_") else text
+        values["risk_limits"] = limits
+    if mode is not None:
+        values["mode"] = mode
+    return values
+
+@agent_app.command("create")
+def agent_create(
+    agent_id: str = typer.Argument(..., help="The agent's id: letters, digits, _ . -"),
+    strategy: str = typer.Option(..., help="Registered strategy name (see `defai strategies`)"),
+    symbol: list[str] = typer.Option(..., help="Symbol as BASE/QUOTE, repeatable"),
+    param: list[str] = typer.Option([], help="Strategy parameter NAME=VALUE, repeatable"),
+    set_: list[str] = typer.Option([], "--set", help=AGENT_SET_HELP),
+    risk: list[str] = typer.Option([], help=RISK_HELP),
+    mode: str = typer.Option("paper", help="paper, or live (needs DEFAI_LIVE_TRADING=true and a live-capable venue)"),
+) -> None:
+    "Store a new agent, stopped: strategy, parameters, symbols, sizing, costs, risk limits, schedule, mode."
+    from defai_kit.agents import AgentConfig
+    agents = _agent_store()
+    values = _agent_values(strategy, symbol, param, set_, risk, mode)
+    record = agents.create(AgentConfig.of(agent_id=agent_id, **values))
+    typer.echo(f"agent {record.agent_id} created, stopped (version {record.version}); "
+               f"`defai agent start {record.agent_id}` lets the runner tick it")
+
+@agent_app.command("list")
+def agent_list() -> None:
+    "List the agents: id, state, mode, strategy, symbols, version, last tick."
+    from defai_kit.agents import describe_agents
+    for line in describe_agents(_agent_store()):
+        typer.echo(line)
+
+@agent_app.command("show")
+def agent_show(agent_id: str = typer.Argument(..., help="The agent's id"),
+               ticks: int = typer.Option(5, help="How many of its latest ticks to show")) -> None:
+    "Show one agent: its config, its account (cash, positions, equity, P&L) and its latest ticks."
+    from defai_kit.agents import agent_report, describe_agent
+    for line in describe_agent(agent_report(_agent_store(), agent_id, ticks)):
+        typer.echo(line)
+
+@agent_app.command("update")
+def agent_update(
+    agent_id: str = typer.Argument(..., help="The agent's id"),
+    strategy: str | None = typer.Option(None, help="A new strategy (its parameters start from their defaults)"),
+    symbol: list[str] = typer.Option([], help="The new symbols, repeatable (replace the old ones)"),
+    param: list[str] = typer.Option([], help="Strategy parameter NAME=VALUE, repeatable (the others are kept)"),
+    set_: list[str] = typer.Option([], "--set", help=AGENT_SET_HELP),
+    risk: list[str] = typer.Option([], help=RISK_HELP),
+    mode: str | None = typer.Option(None, help="paper or live"),
+    version: int | None = typer.Option(None, help="Change it only if it is still at this version"),
+) -> None:
+    "Change a stopped agent's config; only what is given changes."
+    agents = _agent_store()
+    values = _agent_values(strategy, symbol, param, set_, risk, mode, agents.get(agent_id).config)
+    if not values:
+        raise CommandLineError("nothing to change: give --strategy, --symbol, --param, --set, --risk or --mode")
+    record = agents.update(agent_id, values, version)
+    typer.echo(f"agent {agent_id} updated: version {record.version}, {', '.join(sorted(values))} changed")
+
+@agent_app.command("start")
+def agent_start(agent_id: str = typer.Argument(..., help="The agent's id")) -> None:
+    "Let the runner tick the agent (`defai agent run`)."
+    record = _agent_store().start(agent_id)
+    typer.echo(f"agent {agent_id}: {record.state} (version {record.version})")
+
+@agent_app.command("stop")
+def agent_stop(agent_id: str = typer.Argument(..., help="The agent's id")) -> None:
+    "Stop ticking the agent (a tick under way finishes)."
+    record = _agent_store().stop(agent_id)
+    typer.echo(f"agent {agent_id}: {record.state} (version {record.version})")
+
+@agent_app.command("delete")
+def agent_delete(agent_id: str = typer.Argument(..., help="The agent's id")) -> None:
+    "Retire a stopped agent; its id stays taken, because the ledger keeps its trades under it."
+    record = _agent_store().delete(agent_id)
+    typer.echo(f"agent {agent_id}: {record.state} (version {record.version})")
+
+@agent_app.command("tick")
+def agent_tick(agent_id: str = typer.Argument(..., help="The agent's id")) -> None:
+    "Tick a running agent once now: newest closed bars -> signals -> intents; skipped when another runner has it."
+    from defai_kit.agents import tick_agent
+    agents = _agent_store()
+    for line in tick_agent(agent_id, settings=agents.settings, engine=agents.engine).lines():
+        typer.echo(line)
+
+@agent_app.command("run")
+def agent_run(agent_ids: list[str] = typer.Argument(None, help="Only these agents (default: every running one)"),
+              once: bool = typer.Option(False, "--once", help="Tick each running agent once, then exit"),
+              max_ticks: int | None = typer.Option(None, help="Exit after this many ticks")) -> None:
+    "Tick the running agents at each boundary of their schedule, until interrupted (or --once)."
+    from defai_kit.agents import run_agents
+    agents = _agent_store()
+    try:
+        run_agents(agents.settings, agent_ids or (), once=once, max_ticks=max_ticks, engine=agents.engine,
+                   echo=typer.echo)
+    except KeyboardInterrupt:
+        typer.echo("stopped")
+
+# %% ../nbs/90_cli.ipynb #228ad108
+@app.command()
+def reconcile(agent_ids: list[str] = typer.Argument(None, help="Only these agents (default: every agent)")) -> None:
+    "Compare each agent's account in the ledger with its paper venue's own; print every difference, exit 1 on any."
+    from defai_kit.agents import reconcile_agent
+    agents = _agent_store()
+    records = [agents.get(agent_id) for agent_id in agent_ids] if agent_ids else agents.list()
+    differences = 0
+    for record in records:
+        found = reconcile_agent(agents.settings, agents.engine, record.config)
+        differences += len(found)
+        for difference in found:
+            typer.echo(f"{record.agent_id}: {difference}")
+        if not found:
+            typer.echo(f"{record.agent_id}: the ledger and the {record.config.venue} account agree")
+    if differences:
+        typer.echo(f"{differences} differences between the ledger and the venues", err=True)
+        raise typer.Exit(1)
 
 # %% ../nbs/90_cli.ipynb #a7aa5aa3
 def run(argv: Sequence[str] | None = None) -> int:

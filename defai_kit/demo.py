@@ -32,9 +32,9 @@ from .settings import Settings
 from .store import EventStore, StoreState, database_state, open_store, upgrade_database
 
 # %% auto #0
-__all__ = ['DEMO_STEPS', 'DEMO_FILES', 'DEMO_STRATEGIES', 'DemoContext', 'DemoStep', 'demo_step', 'prepare_store',
-           'record_events', 'import_market_data', 'backtest_strategies', 'execute_on_paper', 'describe_kit',
-           'show_state', 'run_demo']
+__all__ = ['DEMO_STEPS', 'DEMO_FILES', 'DEMO_STRATEGIES', 'DEMO_AGENT', 'DEMO_AGENT_BARS', 'DemoContext', 'DemoStep', 'demo_step',
+           'prepare_store', 'record_events', 'import_market_data', 'backtest_strategies', 'execute_on_paper',
+           'replay_paper_agent', 'describe_kit', 'show_state', 'run_demo']
 
 # %% ../nbs/85_demo.ipynb #37466237
 @dataclass
@@ -190,6 +190,43 @@ def execute_on_paper(context: DemoContext) -> str:
     same = "equals" if not compare_read_models(context.engine) else "DIFFERS FROM"
     return (f"realised P&L {position.realized_pnl:+.2f} {quote}, fees {position.fees:.2f}; "
             f"a replay of the store {same} the live read models")
+
+# %% ../nbs/85_demo.ipynb #433f9931
+DEMO_AGENT = {"agent_id": "demo-replay", "strategy": "ma_cross", "params": {"fast": 12, "slow": 48},
+              "notional": 1_000, "fee_bps": 10, "slippage_bps": 5}
+DEMO_AGENT_BARS = 1_000
+
+@demo_step("Replay a paper agent", order=60)
+def replay_paper_agent(context: DemoContext) -> str:
+    "Replay ma_cross as a paper agent over the newest bars; print its trades, P&L, the backtest's verdict and one trail."
+    from defai_kit.agents import AgentConfig, compare_to_backtest, replay_agent
+    from defai_kit.backtest import run_backtest
+    exchange, symbol, timeframe = context.facts["bars"][0]
+    bars = open_bar_store(context.settings, context.engine).load(exchange, symbol, timeframe).iloc[-DEMO_AGENT_BARS:]
+    config = AgentConfig.of(**DEMO_AGENT, symbols=[symbol], exchange=exchange, timeframe=timeframe)
+    replay = replay_agent(config, bars, engine=context.engine)
+    quote, label = config.quote_asset, " (SYNTHETIC data)" if exchange == SYNTHETIC_EXCHANGE else ""
+    params = ", ".join(f"{key}={value}" for key, value in config.params.items())
+    context.echo(f"      {config.agent_id}: {config.strategy}({params}) on {exchange} {symbol} {timeframe}{label}, "
+                 f"{len(bars):,} bars {bars.index[0]:%Y-%m-%d %H:%M} .. {bars.index[-1]:%Y-%m-%d %H:%M}")
+    for trade in replay.trades.itertuples():
+        closed = (f"exit {trade.exit_time:%Y-%m-%d %H:%M} at {trade.exit_price:,.2f}, P&L {trade.pnl:+,.2f}"
+                  if trade.status == "closed" else "still open")
+        context.echo(f"      entry {trade.entry_time:%Y-%m-%d %H:%M} at {trade.entry_price:,.2f} x {trade.quantity:.6f}, {closed}")
+    backtest = run_backtest(config.make_strategy(), bars, config.backtest_config(), symbol=symbol)
+    agreement = compare_to_backtest(replay, backtest)
+    context.echo(f"      as a vectorbt backtest of the same bars: {len(backtest.trades)} trades, same times "
+                 f"{'yes' if agreement.same_trades else 'NO'}, largest relative difference "
+                 f"{agreement.largest_difference:.0e}, final equity {agreement.equity_backtest:,.2f}")
+    if len(replay.trades):
+        first = replay.trades["entry_intent"].iloc[0]
+        context.echo(f"      the events of {first}, from the tick that decided it:")
+        for event in replay.trail(first):
+            what = (f"{event.correlation_id} -> {', '.join(event.payload['intent_ids'])}" if event.topic == "agent.ticked"
+                    else event.event_id + " <- " + (event.causation_id or "(root)"))
+            context.echo(f"        {event.timestamp:%H:%M:%S.%f} {event.topic:<20} {what}")
+    return (f"P&L {replay.pnl:+,.2f} {quote} over {len(replay.trades)} trades (fees {replay.fees:,.2f}), "
+            f"equity {replay.equity:,.2f} vs {agreement.equity_backtest:,.2f} in the backtest")
 
 # %% ../nbs/85_demo.ipynb #e1c00ecb
 def describe_kit(settings: Settings, state: StoreState, series: list[Series] | None = None) -> list[str]:

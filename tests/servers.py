@@ -1,4 +1,5 @@
-"""Real servers for the integration tests, started on 127.0.0.1 and stopped by their PID."""
+"""Real servers for the integration tests, started on 127.0.0.1 and stopped by their PID: PostgreSQL here, and
+nats-server (`NatsServer`, from the kit itself, which local multi-process runs use too)."""
 from __future__ import annotations
 
 import glob
@@ -7,11 +8,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import psycopg
+
+from defai_kit.nats_bus import NatsServer  # noqa: F401  (nats-server with JetStream on 127.0.0.1, stopped by PID)
 
 
 def free_port() -> int:
@@ -92,3 +96,44 @@ class PostgresServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class WorkerProcess:
+    "One `defai worker --role ROLE` process, started with its own environment and stopped by its PID (SIGTERM)."
+
+    def __init__(self, role: str, env: dict[str, str], log_dir: Path, *options: str) -> None:
+        self.role, self.log = role, Path(log_dir) / f"worker-{role}-{os.getpid()}-{id(self)}.log"
+        defai = Path(sys.executable).parent / "defai"          # the console script beside this Python
+        self._output = open(self.log, "w")
+        self.process = subprocess.Popen([str(defai), "worker", "--role", role, *options], env=env,
+                                        stdout=self._output, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_ready(self, timeout: float = 60) -> WorkerProcess:
+        "Return once the worker printed its ready line; raise with its output if it died or took too long."
+        deadline = time.monotonic() + timeout
+        while f"worker {self.role} ready" not in self.output():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"worker {self.role} did not start:\n{self.output()[-3000:]}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self, timeout: float = 30) -> int:
+        "SIGTERM by PID and wait for a graceful exit; its exit code (SIGKILL and -9 after `timeout`)."
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._output.close()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        "SIGKILL by PID, as a crash."
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait()

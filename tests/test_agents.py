@@ -1,0 +1,152 @@
+"""Agents across processes, on each backend (an SQLite file and a real PostgreSQL server on 127.0.0.1): two runner
+processes racing for one agent's bar trade it once, and the audit table shows who ticked and who skipped; live mode
+is refused from the command line with exit code 2 and nothing written."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from decimal import ROUND_DOWN, Decimal
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from defai_kit.agents import (AGENT_TICKS, AgentConfig, AgentStore, LiveTradingRefused, agent_positions, bars_hash,
+                              paper_journal, tick_agent)
+from defai_kit.bar_store import open_bar_store
+from defai_kit.formats import find_data_dir, read_bars
+from defai_kit.settings import Settings
+from defai_kit.store import EventStore, open_store, upgrade_database
+from defai_kit.strategy import signals
+
+BTC = read_bars(find_data_dir() / "binance_spot_1h_2021-2023/BTCUSDT_1h.csv").frame
+DEFAI = Path(sys.executable).parent / "defai"
+
+# A runner process: import everything, say it is ready, wait for the go file, then `defai agent tick ID`, so that
+# both processes reach the database at the same moment (Python's start-up alone takes a second or two here).
+RUNNER = """
+import sys, time
+from pathlib import Path
+import defai_kit.agents
+from defai_kit.cli import run
+folder = Path(sys.argv[2])
+(folder / f"ready-{sys.argv[3]}").touch()
+while not (folder / "go").exists():
+    time.sleep(0.002)
+sys.exit(run(["agent", "tick", sys.argv[1]]))
+"""
+
+
+def entry_bar() -> int:
+    "The position in BTC of a bar on which ma_cross 12/48 enters long."
+    entries = signals(AgentConfig.of(agent_id="x", strategy="ma_cross", params={"fast": 12, "slow": 48},
+                                     symbols=["BTC/USDT"]).make_strategy(), BTC.iloc[:3000])["enter_long"]
+    return BTC.index.get_loc(entries[entries].index[5])
+
+
+def race(agent_id: str, env: dict[str, str], folder: Path) -> list[subprocess.CompletedProcess]:
+    "Two runner processes ticking `agent_id` at once; their results."
+    runners = [subprocess.Popen([sys.executable, "-c", RUNNER, agent_id, str(folder), str(number)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for number in (1, 2)]
+    deadline = time.monotonic() + 60
+    while not all((folder / f"ready-{number}").exists() for number in (1, 2)):
+        assert time.monotonic() < deadline and all(r.poll() is None for r in runners), [r.communicate() for r in runners]
+        time.sleep(0.01)
+    (folder / "go").touch()
+    return [subprocess.CompletedProcess(r.args, r.wait(timeout=60), *r.communicate()) for r in runners]
+
+
+def test_two_runner_processes_trade_a_bar_once(database_url, kit_env, tmp_path):
+    kit_env["DEFAI_DATABASE_URL"] = database_url
+    settings = Settings(_env_file=None, home=kit_env["DEFAI_HOME"], database_url=database_url)
+    engine = open_store(database_url)
+    upgrade_database(engine)
+    bar = entry_bar()
+    open_bar_store(settings, engine).upsert("binance", "BTC/USDT", "1h", BTC.iloc[bar - 400: bar + 1])
+    agents = AgentStore(engine, settings)
+    config = AgentConfig.of(agent_id="race-btc", strategy="ma_cross", params={"fast": 12, "slow": 48},
+                            symbols=["BTC/USDT"], lookback=300)
+    agents.create(config)
+    agents.start("race-btc")
+
+    results = race("race-btc", kit_env, tmp_path)
+    assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
+    heads = sorted(r.stdout.splitlines()[0].split(": ")[1] for r in results)      # "skipped ...", "ticked ..."
+    assert [head.split()[0] for head in heads] == ["skipped", "ticked"], [r.stdout for r in results]
+    assert heads[1] == f"ticked the bar of {BTC.index[bar]:%Y-%m-%d %H:%M}"
+
+    with engine.connect() as connection:
+        rows = connection.execute(sa.select(AGENT_TICKS).where(AGENT_TICKS.c.agent_id == "race-btc")).mappings().all()
+    assert sorted(row["outcome"] for row in rows) == ["skipped", "ticked"]
+    assert len({row["runner"] for row in rows}) == 2                       # two processes, two runner names
+    ticked = next(row for row in rows if row["outcome"] == "ticked")
+    skipped = next(row for row in rows if row["outcome"] == "skipped")
+    # the loser found the lease taken, or (if the winner was already done) the bar's slot ticked
+    assert skipped["reason"].startswith(("another runner holds the agent's lease", "ticked already by")), skipped["reason"]
+    assert ticked["data_hash"] == bars_hash({"BTC/USDT": BTC.iloc[bar - 299: bar + 1]})
+    assert [intent["state"] for intent in ticked["intents"]] == ["completed"]
+
+    # one buy in the ledger, priced at the bar's close: 1,000 USDT / close, to 1e-12
+    bought = (Decimal(1000) / Decimal(repr(float(BTC["close"].iloc[bar])))).quantize(Decimal("1e-12"), ROUND_DOWN)
+    assert agent_positions(engine, "race-btc", "paper") == {"BTC/USDT": bought}
+    assert [e.correlation_id for e in EventStore(engine).read(topic="agent.ticked")] == [ticked["tick_id"]]
+    journal = paper_journal(settings, config).read_text().splitlines()
+    assert sum('"kind":"order"' in line for line in journal) == 1
+
+    # ticking again, in this process, finds the bar taken
+    again = tick_agent("race-btc", settings=settings, engine=engine)
+    assert (again.outcome, again.reason) == ("skipped", f"ticked already by {ticked['tick_id']} (ticked)")
+    assert agent_positions(engine, "race-btc", "paper") == {"BTC/USDT": bought}
+
+    # the ledger's account of the agent and its paper venue's journal agree, from the command line
+    reconciled = defai("reconcile", env=kit_env)
+    assert (reconciled.returncode, reconciled.stdout) == (0, "race-btc: the ledger and the paper account agree\n")
+    engine.dispose()
+
+
+def defai(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([str(DEFAI), *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_live_mode_is_refused_from_the_command_line(kit_env):
+    database = f"sqlite:///{kit_env['DEFAI_HOME']}/defai.db"
+    upgrade_database(open_store(database))
+    create = ("agent", "create", "live-btc", "--strategy", "ma_cross", "--symbol", "BTC/USDT", "--mode", "live")
+    refused = defai(*create, env=kit_env)
+    assert (refused.returncode, refused.stdout) == (2, "")
+    assert refused.stderr == ("error: agent mode='live': live trading is off; set DEFAI_LIVE_TRADING=true to allow "
+                              "it, or use mode paper\n")
+    live = {**kit_env, "DEFAI_LIVE_TRADING": "true"}
+    refused = defai(*create, env=live)
+    assert (refused.returncode, refused.stderr) == (2, "error: agent mode='live': venue 'paper' is a paper venue and "
+                                                       "cannot trade live; use mode paper\n")
+    agents = AgentStore(open_store(database), Settings(_env_file=None, home=kit_env["DEFAI_HOME"]))
+    assert agents.list() == []                                             # nothing was written
+    agents.create(agent_id="paper-btc", strategy="ma_cross", symbols=["BTC/USDT"])
+    live_agents = AgentStore(agents.engine, Settings(_env_file=None, home=kit_env["DEFAI_HOME"], live_trading=True))
+    try:
+        live_agents.update("paper-btc", {"mode": "live"})
+    except LiveTradingRefused as refusal:
+        assert (str(refusal).count("\n"), refusal.exit_code, refusal.field) == (0, 2, "mode")
+    else:
+        raise AssertionError("a paper agent was switched to live on a paper venue")
+    assert (agents.get("paper-btc").version, agents.get("paper-btc").config.mode) == (1, "paper")
+
+
+def test_a_bar_slot_is_claimed_once(database_url):
+    "The partial unique index of migration 0004 holds on both backends: one acting tick per agent and bar."
+    from datetime import datetime, timezone
+    from defai_kit.agents import _insert_tick
+    engine = open_store(database_url)
+    upgrade_database(engine)
+    bar, now = datetime(2024, 1, 1, tzinfo=timezone.utc), datetime.now(timezone.utc)
+    row = lambda tick_id, outcome, agent="a": dict(tick_id=tick_id, agent_id=agent, bar_time=bar, ticked_at=now,
+                                                   outcome=outcome, reason="", runner="test")
+    assert _insert_tick(engine, row("t1", "ticking"))
+    assert not _insert_tick(engine, row("t2", "ticked"))              # the slot is taken
+    assert _insert_tick(engine, row("t3", "skipped")) and _insert_tick(engine, row("t4", "failed"))
+    assert _insert_tick(engine, row("t5", "ticked", agent="b"))       # another agent's slot
+    with engine.connect() as connection:
+        assert connection.execute(sa.select(sa.func.count()).select_from(AGENT_TICKS)).scalar_one() == 4
+    engine.dispose()

@@ -1,0 +1,177 @@
+"""The execution core as three worker processes over NATS JetStream, with PostgreSQL, both real servers on
+127.0.0.1: core (ledger + risk), planner and orchestrator, each `defai worker --role ROLE`. This process submits
+intents the way any client does (publishing `intent.submitted` on the bus). The orchestrator is killed (SIGKILL)
+before the intents arrive and a new one started once every intent is planned: the plans wait for it in the stream.
+Every intent must end completed in the ledger's read models in PostgreSQL, every event must be stored exactly once
+(the store holds exactly the events the JetStream stream holds), every causation chain must be whole, and a replay
+of the store must equal the live read models; balances and positions are checked against hand-computed figures."""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import defaultdict
+from decimal import Decimal
+from typing import Callable
+
+import orjson
+import pytest
+import sqlalchemy as sa
+
+from defai_kit.events import EventEnvelope
+from defai_kit.execution import FINAL_TOPICS
+from defai_kit.intents import Intent, intent_event
+from defai_kit.ledger import compare_read_models, replay
+from defai_kit.nats_bus import NatsBus
+from defai_kit.store import open_store, upgrade_database
+from servers import NatsServer, WorkerProcess
+
+PRICE, FEE = Decimal("30000"), Decimal("0.001")            # every worker's paper market: BTC/USDT at 30,000, 10 bp fee
+DEPOSIT = {"USDT": Decimal("100000000"), "BTC": Decimal("1000")}
+PAPER = ["--price", f"BTC/USDT={PRICE}", "--fee-bps", "10",
+         *[option for asset, amount in DEPOSIT.items() for option in ("--balance", f"{asset}={amount}")]]
+COUNT = 150
+SINGLE = ["intent.submitted", "risk.approved", "intent.accepted", "plan.created", "exec.started",
+          "exec.step_submitted", "exec.step_filled", "exec.completed"]
+TWAP = SINGLE[:5] + ["exec.step_submitted", "exec.step_filled"] * 2 + ["exec.completed"]
+
+
+def the_intents() -> list[Intent]:
+    intents = []
+    for number in range(COUNT):
+        side = "sell" if number % 4 == 0 else "buy"
+        quantity = f"0.0{number % 9 + 1}"
+        plan = dict(plan="twap", slices=2) if number % 10 == 3 else {}
+        intents.append(Intent.of(symbol="BTC/USDT", side=side, quantity=quantity, **plan))
+    return intents
+
+
+async def submit(url: str, intents: list[Intent], timeout: float,
+                 meanwhile: Callable[[], None]) -> tuple[dict[str, str], list[dict]]:
+    "Fund the paper account, publish every intent, run `meanwhile` (in a thread), collect each intent's final topic."
+    finals: dict[str, str] = {}
+    bus = await NatsBus(url).connect()
+    try:
+        for topic in FINAL_TOPICS:                          # no name: ephemeral, every final event from now on
+            bus.subscribe(topic, lambda event: finals.setdefault(event.correlation_id, event.topic))
+        await bus.ready()
+        for asset, amount in DEPOSIT.items():
+            await bus.publish(EventEnvelope.new("account.deposited", {"venue": "paper", "asset": asset,
+                                                                      "amount": str(amount)}))
+        for intent in intents:
+            assert await bus.publish(intent_event(intent)) == 1
+        await asyncio.to_thread(meanwhile)
+        deadline = time.monotonic() + timeout
+        while len(finals) < len(intents) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        stream = await stream_events(bus)
+    finally:
+        await bus.close(drain=False)                         # a failed run must not wait on what never came
+    return finals, stream
+
+
+async def stream_events(bus: NatsBus) -> list[dict]:
+    "Every message the JetStream stream holds, read straight from the server by sequence number."
+    manager = bus._jetstream._jsm
+    state = (await manager.stream_info(bus.stream)).state
+    return [orjson.loads((await manager.get_msg(bus.stream, sequence)).data)
+            for sequence in range(state.first_seq, state.last_seq + 1)]
+
+
+def wait_for_ledger(engine: sa.Engine, count: int, states: tuple[str, ...], timeout: float) -> None:
+    "Wait until the ledger has committed `count` intents in `states` (its read model in PostgreSQL)."
+    deadline = time.monotonic() + timeout
+    query = sa.text("SELECT count(*) FROM intents WHERE state IN :states").bindparams(sa.bindparam("states", expanding=True))
+    while time.monotonic() < deadline:
+        with engine.connect() as connection:
+            found = connection.execute(query, {"states": list(states)}).scalar_one()
+        if found >= count:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the ledger committed {found} of {count} intents {'/'.join(states)} within {timeout} s")
+
+
+@pytest.fixture
+def nats_server():
+    with NatsServer() as server:
+        yield server
+
+
+@pytest.mark.timeout(120)
+def test_three_processes_over_nats(postgres, nats_server, tmp_path, kit_env):
+    url = postgres.create_database(f"nats_{os.getpid()}")
+    engine = open_store(url)
+    upgrade_database(engine)
+    env = dict(kit_env, DEFAI_BUS_URL=nats_server.url, DEFAI_DATABASE_URL=url, DEFAI_LOG_LEVEL="WARNING")
+    workers = [WorkerProcess(role, env, tmp_path, *PAPER) for role in ("core", "planner", "orchestrator")]
+    crashed = workers.pop()
+
+    def orchestrator_comes_back() -> None:
+        # with no orchestrator, risk and planning go on and the plans wait in the stream for the group
+        wait_for_ledger(engine, COUNT, ("planned",), timeout=20)
+        workers.append(WorkerProcess("orchestrator", env, tmp_path, *PAPER).wait_ready())
+    try:
+        for worker in [*workers, crashed]:
+            worker.wait_ready()
+        crashed.kill()                                        # SIGKILL: the orchestrators' group is empty now
+        intents = the_intents()
+        finals, stream = asyncio.run(submit(nats_server.url, intents, timeout=20, meanwhile=orchestrator_comes_back))
+        wait_for_ledger(engine, COUNT, ("completed", "rejected", "failed"), timeout=20)
+    finally:
+        crashed.kill()
+        codes = {worker.role: worker.stop() for worker in workers}
+    outputs = {worker.role: worker.output() for worker in workers}
+    assert codes == {"core": 0, "planner": 0, "orchestrator": 0}, outputs
+    assert "stopped" not in crashed.output()
+    for role, output in outputs.items():                      # a graceful stop, and nothing logged above WARNING
+        assert f"worker {role} stopped:" in output and '"level": "error"' not in output, output[-3000:]
+
+    # every intent completed: what the submitter saw on the bus, and what the ledger stored in PostgreSQL
+    assert finals == {intent.intent_id: "exec.completed" for intent in intents}
+    with engine.connect() as connection:
+        rows = {row.intent_id: row for row in connection.execute(sa.text(
+            "SELECT intent_id, state, filled_quantity FROM intents"))}
+        stored = connection.execute(sa.text(
+            "SELECT event_id, topic, correlation_id, causation_id FROM events ORDER BY sequence")).all()
+    assert set(rows) == {intent.intent_id for intent in intents}
+    for intent in intents:
+        assert rows[intent.intent_id].state == "completed"
+        assert Decimal(rows[intent.intent_id].filled_quantity) == intent.quantity
+
+    # every event stored exactly once: the store holds exactly what the stream holds, and the stream deduplicated
+    stored_ids = [row.event_id for row in stored]
+    assert len(stored_ids) == len(set(stored_ids)) == len(stream)
+    assert set(stored_ids) == {event["event_id"] for event in stream}
+    twaps = sum(1 for intent in intents if intent.plan == "twap")
+    assert len(stored) == len(DEPOSIT) + (COUNT - twaps) * len(SINGLE) + twaps * len(TWAP)
+
+    # every causation chain whole: one root, each event caused by the one before, in the journey's order
+    journeys = defaultdict(list)
+    for row in stored:
+        journeys[row.correlation_id].append(row)
+    for intent in intents:
+        events = journeys[intent.intent_id]
+        caused = {row.causation_id: row for row in events}
+        assert len(caused) == len(events), "two events name the same cause"
+        chain, current = [], caused.pop(None)
+        while current is not None:
+            chain.append(current.topic)
+            current = caused.pop(current.event_id, None)
+        assert not caused, "an event is not on the chain from the root"
+        assert chain == (TWAP if intent.plan == "twap" else SINGLE)
+
+    # replay of the store equals the live read models, and both equal figures worked out by hand
+    assert compare_read_models(engine) == []
+    models = replay(engine)
+    bought = sum(i.quantity for i in intents if i.side == "buy")
+    sold = sum(i.quantity for i in intents if i.side == "sell")
+    usdt = DEPOSIT["USDT"] - bought * PRICE * (1 + FEE) + sold * PRICE * (1 - FEE)
+    assert models.portfolio.balances[("paper", "USDT")] == usdt
+    assert models.portfolio.balances[("paper", "BTC")] == DEPOSIT["BTC"] + bought - sold
+    with engine.connect() as connection:
+        position = connection.execute(sa.text("SELECT quantity FROM positions WHERE symbol = 'BTC/USDT'")).scalar_one()
+        balances = dict(connection.execute(sa.text("SELECT asset, amount FROM balances")).all())
+    assert Decimal(position) == bought - sold
+    assert {asset: Decimal(amount) for asset, amount in balances.items()} == {"USDT": usdt,
+                                                                               "BTC": DEPOSIT["BTC"] + bought - sold}
+    engine.dispose()
