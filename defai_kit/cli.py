@@ -403,6 +403,8 @@ def worker(
                 loop.add_signal_handler(signal_number, stop.set)
         await run_worker(role, settings, venues, stop, marks=marks, echo=typer.echo)
     from defai_kit.bus import run_sync
+    from defai_kit.execution import relax_garbage_collection
+    relax_garbage_collection()                       # for the process's lifetime, as the in-process engine does
     run_sync(until_stopped())
 
 # %% ../nbs/90_cli.ipynb #7ef3f5d2
