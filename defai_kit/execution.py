@@ -383,7 +383,7 @@ class ExecutionEngine:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-# %% ../nbs/36_execution.ipynb #64a8cf87
+# %% ../nbs/36_execution.ipynb #ccad9298
 @patch
 async def submit_intent(self: ExecutionEngine, intent: Intent | None = None, **fields: Any) -> str:
     "Submit an intent (an `Intent`, or its fields); returns its id, the correlation id of all its events."
@@ -410,8 +410,8 @@ async def wait(self: ExecutionEngine, intent_id: str, timeout: float | None = 30
         await self.bus.drain()                               # just submitted: on its way to the ledger
         if intent_id not in models.intents:
             raise ExecutionError(f"intent_id: no intent {intent_id}")
-    if IntentState(models.intents[intent_id]["state"]) in FINAL_STATES:
-        stored_by = self.ledger.sequence - 1
+    if IntentState(models.intents[intent_id]["state"]) in FINAL_STATES:   # wait for its own events, not later ones
+        stored_by = models.intents[intent_id].get("_sequence", self.ledger.sequence - 1)
     else:
         waiter = self._finished.get(intent_id)
         if waiter is None:

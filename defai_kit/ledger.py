@@ -503,7 +503,10 @@ class Ledger:
             self._waiters.setdefault(self.sequence, []).append(waiter)
         self._pending.append((self.sequence, event))
         self.sequence += 1
-        return self.models.apply(event)
+        applied = self.models.apply(event)
+        if applied and (row := self.models.intents.get(event.correlation_id)) is not None:
+            row["_sequence"] = self.sequence - 1             # the intent's events are numbered up to here
+        return applied
 
     def _take_batch(self) -> tuple[list[tuple[int, EventEnvelope]], dict[str, list[tuple]]]:
         batch, self._pending = self._pending, []
