@@ -1,6 +1,7 @@
 """Execution-core benchmark: intents per second through risk -> plan -> paper fill -> ledger with every event
 persisted, on SQLite and PostgreSQL, against a naive ledger (one database transaction per event) in the same run;
-and the pre-chain latency, submit -> plan.created, p50 and p99.
+the same sustained, with a client keeping 1,000 intents open (it submits the next as the oldest is stored); and the
+pre-chain latency, submit -> plan.created, p50 and p99.
 
 Run: .venv/bin/python bench/bench_execution.py [--quick]   (about a minute; starts a throwaway PostgreSQL on
 127.0.0.1 when its binaries are installed)
@@ -26,6 +27,7 @@ from defai_kit.venues import PaperVenue  # noqa: E402
 
 QUICK = "--quick" in sys.argv
 INTENTS = 2_000 if QUICK else 10_000
+IN_FLIGHT = 1_000                    # the sustained run: a client that keeps this many intents open
 LIMITS = RiskLimits.of(max_notional="1000000", max_slippage_bps="100", max_position="100000000",
                        max_gross_exposure="1000000000", allowed_venues=["paper"], allowed_assets=["BTC", "USDT"],
                        rate_limit=10_000_000)
@@ -71,6 +73,24 @@ async def throughput(url: str, count: int, naive: bool = False) -> tuple[float, 
     return seconds, completed, differences
 
 
+async def sustained(url: str, count: int, in_flight: int) -> float:
+    "Intents per second when a client keeps `in_flight` intents open, submitting the next as the oldest is stored."
+    core = make_core(url)
+    intents = [Intent.of(symbol="BTC/USDT", side="buy", quantity="0.001", max_slippage_bps=50) for _ in range(count)]
+    async with core:
+        await core.fund("paper", "USDT", "10000000000")
+        began = time.perf_counter()
+        for number, intent in enumerate(intents):
+            if number >= in_flight:
+                await core.wait(intents[number - in_flight].intent_id, timeout=600)
+            await core.submit_intent(intent)
+        for intent in intents[-in_flight:]:
+            await core.wait(intent.intent_id, timeout=600)
+        seconds = time.perf_counter() - began
+    core.engine.dispose()
+    return count / seconds
+
+
 async def latency(url: str, count: int) -> list[float]:
     "submit -> plan.created, one intent at a time (the flow is otherwise idle)."
     core = make_core(url)
@@ -98,6 +118,8 @@ def run(url: str, label: str) -> None:
           f"({rate * 8:,.0f} events/s); replay equals live: {not differences}")
     print(f"{label:<10} naive ledger, one transaction per event ({naive_count:,} intents): {naive_rate:,.0f} intents/s"
           f"  => {rate / naive_rate:,.1f}x")
+    steady = asyncio.run(sustained(url, INTENTS, IN_FLIGHT))
+    print(f"{label:<10} sustained, {IN_FLIGHT:,} intents in flight ({INTENTS:,} intents): {steady:>8,.0f} intents/s")
     samples = sorted(asyncio.run(latency(url, 200 if QUICK else 1_000)))
     p50, p99 = statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
     print(f"{label:<10} submit -> plan.created, one at a time: p50 {p50:.3f} ms, p99 {p99:.3f} ms")
