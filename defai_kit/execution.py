@@ -355,7 +355,7 @@ class ExecutionEngine:
         self._gc_before = relax_garbage_collection()
         if self.bus is None:
             self.bus = InProcessBus()
-        self.ledger = Ledger.open(self.engine)
+        self.ledger = await asyncio.to_thread(Ledger.open, self.engine)   # it may wait for the writer lease
         self.ledger.attach(self.bus)
         self.risk_stage = RiskStage(self.risk, self.ledger.models, self.venues, self.marks)
         self.planner = PlannerStage(self.venues, self.marks)

@@ -16,6 +16,7 @@ from defai_kit.agents import (AGENT_TICKS, AgentConfig, AgentStore, LiveTradingR
                               paper_journal, tick_agent)
 from defai_kit.bar_store import open_bar_store
 from defai_kit.formats import find_data_dir, read_bars
+from defai_kit.ledger import compare_read_models
 from defai_kit.settings import Settings
 from defai_kit.store import EventStore, open_store, upgrade_database
 from defai_kit.strategy import signals
@@ -45,10 +46,11 @@ def entry_bar() -> int:
     return BTC.index.get_loc(entries[entries].index[5])
 
 
-def race(agent_id: str, env: dict[str, str], folder: Path) -> list[subprocess.CompletedProcess]:
-    "Two runner processes ticking `agent_id` at once; their results."
+def race(agent_ids: tuple[str, str], env: dict[str, str], folder: Path) -> list[subprocess.CompletedProcess]:
+    "Two runner processes at once, the first ticking `agent_ids[0]`, the second `agent_ids[1]`; their results."
     runners = [subprocess.Popen([sys.executable, "-c", RUNNER, agent_id, str(folder), str(number)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for number in (1, 2)]
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for number, agent_id in enumerate(agent_ids, start=1)]
     deadline = time.monotonic() + 60
     while not all((folder / f"ready-{number}").exists() for number in (1, 2)):
         assert time.monotonic() < deadline and all(r.poll() is None for r in runners), [r.communicate() for r in runners]
@@ -70,7 +72,7 @@ def test_two_runner_processes_trade_a_bar_once(database_url, kit_env, tmp_path):
     agents.create(config)
     agents.start("race-btc")
 
-    results = race("race-btc", kit_env, tmp_path)
+    results = race(("race-btc", "race-btc"), kit_env, tmp_path)
     assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
     heads = sorted(r.stdout.splitlines()[0].split(": ")[1] for r in results)      # "skipped ...", "ticked ..."
     assert [head.split()[0] for head in heads] == ["skipped", "ticked"], [r.stdout for r in results]
@@ -102,6 +104,33 @@ def test_two_runner_processes_trade_a_bar_once(database_url, kit_env, tmp_path):
     # the ledger's account of the agent and its paper venue's journal agree, from the command line
     reconciled = defai("reconcile", env=kit_env)
     assert (reconciled.returncode, reconciled.stdout) == (0, "race-btc: the ledger and the paper account agree\n")
+    engine.dispose()
+
+
+def test_two_runner_processes_ticking_two_agents_share_one_ledger(database_url, kit_env, tmp_path):
+    "Two agents ticked at the same moment by two processes: one ledger writes at a time (the store's writer lease),"
+    " so both trade, the ledger's numbering has no gap or clash, and a replay equals the tables."
+    kit_env["DEFAI_DATABASE_URL"] = database_url
+    settings = Settings(_env_file=None, home=kit_env["DEFAI_HOME"], database_url=database_url)
+    engine = open_store(database_url)
+    upgrade_database(engine)
+    bar = entry_bar()
+    open_bar_store(settings, engine).upsert("binance", "BTC/USDT", "1h", BTC.iloc[bar - 400: bar + 1])
+    agents = AgentStore(engine, settings)
+    for agent_id in ("first-btc", "second-btc"):
+        agents.create(AgentConfig.of(agent_id=agent_id, strategy="ma_cross", params={"fast": 12, "slow": 48},
+                                     symbols=["BTC/USDT"], lookback=300))
+        agents.start(agent_id)
+
+    results = race(("first-btc", "second-btc"), kit_env, tmp_path)
+    assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
+    assert [r.stdout.splitlines()[0].split(": ")[1] for r in results] == [f"ticked the bar of {BTC.index[bar]:%Y-%m-%d %H:%M}"] * 2
+    with engine.connect() as connection:
+        sequences = connection.execute(sa.text("SELECT sequence FROM events WHERE sequence IS NOT NULL "
+                                               "ORDER BY sequence")).scalars().all()
+    assert sequences == list(range(1, len(sequences) + 1))
+    assert compare_read_models(engine) == []
+    assert set(agent_positions(engine, "first-btc", "paper")) == set(agent_positions(engine, "second-btc", "paper")) == {"BTC/USDT"}
     engine.dispose()
 
 
