@@ -287,7 +287,7 @@ def runs_compare(run_ids: list[str] = typer.Argument(..., help="Two or more run 
 def replay(check: bool = typer.Option(False, "--check", help="Only compare the stored read models with a replay; "
                                       "exit 1 when they differ")) -> None:
     "Rebuild the ledger's read models (intents, plans, orders, fills, balances, positions) from the event store."
-    from defai_kit.ledger import compare_read_models, rebuild_read_models, replay as replay_store
+    from defai_kit.ledger import WriterLease, compare_read_models, rebuild_read_models, replay as replay_store
     from defai_kit.store import open_store
     engine = open_store(_settings().store_url)
     if check:
@@ -299,7 +299,11 @@ def replay(check: bool = typer.Option(False, "--check", help="Only compare the s
             raise typer.Exit(1)
         typer.echo("the read models equal a replay of the event store")
         return
-    counts = rebuild_read_models(engine)
+    lease = WriterLease.take(engine, wait_seconds=5)        # no ledger writes while the tables are rewritten
+    try:
+        counts = rebuild_read_models(engine)
+    finally:
+        lease.release()
     typer.echo("read models rebuilt from the event store: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
 
 # %% ../nbs/90_cli.ipynb #5900227c
