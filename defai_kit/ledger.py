@@ -495,6 +495,9 @@ class WriterLease:
 
     def __init__(self, engine: Engine, holder: str):
         self.engine, self.holder = engine, holder
+        mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"      # renewed with every batch: kept cheap
+        self._renewal = f"UPDATE ledger_writer SET expires_at = {mark} WHERE name = 'ledger' AND holder = {mark}"
+        self._time = _sql_time(engine.dialect.name)
 
     @classmethod
     def take(cls, engine: Engine, wait_seconds: float = WRITER_WAIT_SECONDS) -> WriterLease:
@@ -529,9 +532,8 @@ class WriterLease:
         if connection is None:
             with self.engine.begin() as connection:
                 return self.renew(connection)
-        expires = datetime.now(timezone.utc) + timedelta(seconds=WRITER_LEASE_SECONDS)
-        if connection.execute(_WRITER.update().where(_THE_LEDGER, _WRITER.c.holder == self.holder)
-                              .values(expires_at=expires)).rowcount != 1:
+        expires = self._time(datetime.now(timezone.utc) + timedelta(seconds=WRITER_LEASE_SECONDS))
+        if connection.exec_driver_sql(self._renewal, (expires, self.holder)).rowcount != 1:
             holder = connection.execute(sa.select(_WRITER.c.holder).where(_THE_LEDGER)).scalar()
             raise LeaseLost(f"ledger: this ledger lost the store's writer lease (now held by {holder}); it stores "
                             "nothing more: open a new ledger")
