@@ -509,22 +509,24 @@ class WriterLease:
         while (held := lease._try()) is not None:
             if time.monotonic() >= deadline:
                 raise LedgerError(f"ledger: another ledger writes to this store ({held[0]}, its lease runs until "
-                                  f"{held[1]:%H:%M:%S} UTC); one writer at a time: close it, or wait for its lease to lapse")
+                                  f"{held[1]:%H:%M:%S} UTC); one writer at a time: close it, or wait for its lease "
+                                  "to lapse")
             time.sleep(0.05)
         return lease
 
     def _try(self) -> tuple[str, datetime] | None:
         "Take the lease if it is free, lapsed, or its holder's process is gone; else who holds it, until when."
         now = datetime.now(timezone.utc)
+        current = sa.select(_WRITER.c.holder, _WRITER.c.expires_at).where(_THE_LEDGER)
         with self.engine.begin() as connection:
-            holder, expires = connection.execute(sa.select(_WRITER.c.holder, _WRITER.c.expires_at).where(_THE_LEDGER)).one()
+            holder, expires = connection.execute(current).one()
             free = sa.or_(_WRITER.c.holder.is_(None), _WRITER.c.expires_at < now,
                           _WRITER.c.holder == (holder if holder and _gone(holder) else None))
             taken = connection.execute(_WRITER.update().where(_THE_LEDGER, free).values(
                 holder=self.holder, expires_at=now + timedelta(seconds=WRITER_LEASE_SECONDS))).rowcount
             if taken == 1:
                 return None
-            holder, expires = connection.execute(sa.select(_WRITER.c.holder, _WRITER.c.expires_at).where(_THE_LEDGER)).one()
+            holder, expires = connection.execute(current).one()
         return holder, as_utc(expires) if expires is not None else now   # read again: it may have just been taken
 
     def renew(self, connection: sa.Connection | None = None) -> None:

@@ -59,7 +59,8 @@ def race(agent_ids: tuple[str, str], env: dict[str, str], folder: Path) -> list[
     return [subprocess.CompletedProcess(r.args, r.wait(timeout=60), *r.communicate()) for r in runners]
 
 
-def test_two_runner_processes_trade_a_bar_once(database_url, kit_env, tmp_path):
+def running_agents(database_url: str, kit_env: dict[str, str], *agent_ids: str):
+    "A store with BTC bars up to an entry bar and an ma_cross agent running under each id; settings, engine, bar."
     kit_env["DEFAI_DATABASE_URL"] = database_url
     settings = Settings(_env_file=None, home=kit_env["DEFAI_HOME"], database_url=database_url)
     engine = open_store(database_url)
@@ -67,10 +68,16 @@ def test_two_runner_processes_trade_a_bar_once(database_url, kit_env, tmp_path):
     bar = entry_bar()
     open_bar_store(settings, engine).upsert("binance", "BTC/USDT", "1h", BTC.iloc[bar - 400: bar + 1])
     agents = AgentStore(engine, settings)
-    config = AgentConfig.of(agent_id="race-btc", strategy="ma_cross", params={"fast": 12, "slow": 48},
-                            symbols=["BTC/USDT"], lookback=300)
-    agents.create(config)
-    agents.start("race-btc")
+    for agent_id in agent_ids:
+        agents.create(AgentConfig.of(agent_id=agent_id, strategy="ma_cross", params={"fast": 12, "slow": 48},
+                                     symbols=["BTC/USDT"], lookback=300))
+        agents.start(agent_id)
+    return settings, engine, bar
+
+
+def test_two_runner_processes_trade_a_bar_once(database_url, kit_env, tmp_path):
+    settings, engine, bar = running_agents(database_url, kit_env, "race-btc")
+    config = AgentStore(engine, settings).get("race-btc").config
 
     results = race(("race-btc", "race-btc"), kit_env, tmp_path)
     assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
@@ -110,27 +117,18 @@ def test_two_runner_processes_trade_a_bar_once(database_url, kit_env, tmp_path):
 def test_two_runner_processes_ticking_two_agents_share_one_ledger(database_url, kit_env, tmp_path):
     "Two agents ticked at the same moment by two processes: one ledger writes at a time (the store's writer lease),"
     " so both trade, the ledger's numbering has no gap or clash, and a replay equals the tables."
-    kit_env["DEFAI_DATABASE_URL"] = database_url
-    settings = Settings(_env_file=None, home=kit_env["DEFAI_HOME"], database_url=database_url)
-    engine = open_store(database_url)
-    upgrade_database(engine)
-    bar = entry_bar()
-    open_bar_store(settings, engine).upsert("binance", "BTC/USDT", "1h", BTC.iloc[bar - 400: bar + 1])
-    agents = AgentStore(engine, settings)
-    for agent_id in ("first-btc", "second-btc"):
-        agents.create(AgentConfig.of(agent_id=agent_id, strategy="ma_cross", params={"fast": 12, "slow": 48},
-                                     symbols=["BTC/USDT"], lookback=300))
-        agents.start(agent_id)
-
+    _, engine, bar = running_agents(database_url, kit_env, "first-btc", "second-btc")
     results = race(("first-btc", "second-btc"), kit_env, tmp_path)
     assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
-    assert [r.stdout.splitlines()[0].split(": ")[1] for r in results] == [f"ticked the bar of {BTC.index[bar]:%Y-%m-%d %H:%M}"] * 2
+    ticked = f"ticked the bar of {BTC.index[bar]:%Y-%m-%d %H:%M}"
+    assert [r.stdout.splitlines()[0].split(": ")[1] for r in results] == [ticked, ticked], [r.stdout for r in results]
     with engine.connect() as connection:
         sequences = connection.execute(sa.text("SELECT sequence FROM events WHERE sequence IS NOT NULL "
                                                "ORDER BY sequence")).scalars().all()
     assert sequences == list(range(1, len(sequences) + 1))
     assert compare_read_models(engine) == []
-    assert set(agent_positions(engine, "first-btc", "paper")) == set(agent_positions(engine, "second-btc", "paper")) == {"BTC/USDT"}
+    for agent_id in ("first-btc", "second-btc"):
+        assert set(agent_positions(engine, agent_id, "paper")) == {"BTC/USDT"}
     engine.dispose()
 
 
