@@ -363,7 +363,7 @@ async def run_worker(role: str, settings: Settings, venues: dict[str, Any], stop
         elif role == "planner":
             intake += PlannerStage(venues, marks).attach(bus)
         else:
-            orchestrator = Orchestrator(venues, marks)
+            orchestrator = Orchestrator(venues, marks, store=open_store(settings.store_url))   # resumes redeliveries
             intake += orchestrator.attach(bus)
         await bus.ready()
         echo(f"worker {role} ready on {settings.bus_url} (pid {os.getpid()})")

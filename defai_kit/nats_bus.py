@@ -33,7 +33,7 @@ from fastcore.basics import patch
 from nats.aio.msg import Msg
 from nats.js import api as jetstream
 
-from .bus import BusError, Handler, InProcessBus, Overflow
+from .bus import BusError, Handler, InProcessBus, Overflow, delivery
 from .events import FAMILIES, EventEnvelope, EventError
 from .logs import get_logger
 from .settings import Settings, load_settings
@@ -205,11 +205,12 @@ class NatsSubscription:
             token = _handling.set(outputs)                   # publish() inside the handler sees it
             future = None
             try:
-                result = self.handler(event)
-                if isinstance(result, asyncio.Future):
-                    future = result                          # acknowledged when it is done
-                elif result is not None and inspect.isawaitable(result):
-                    await result
+                with delivery(_delivery_count(message)):    # a handler may ask which delivery this is
+                    result = self.handler(event)
+                    if isinstance(result, asyncio.Future):
+                        future = result                      # acknowledged when it is done
+                    elif result is not None and inspect.isawaitable(result):
+                        await result
             except Exception as error:                      # a broken handler must not stop the subscription
                 await self._failed(message, event, error)
                 return
