@@ -229,10 +229,11 @@ async def _execute(self: Orchestrator, plan: Mapping[str, Any], last: EventEnvel
         began -= max((datetime.now(timezone.utc) - planned_at).total_seconds(), 0.0)
     filled_total, notional = Decimal(0), Decimal(0)
     for step in plan["steps"]:
+        unsent = reported is None or step["step_id"] not in reported
         delay = began + step["not_before_seconds"] - time.monotonic()
-        if delay > 0 and (reported is None or step["step_id"] not in reported):
+        if unsent and delay > 0:
             await asyncio.sleep(delay)
-        if reported is None or step["step_id"] not in reported:
+        if unsent:
             last, status, error = await self._run_step(venue, venue_name, step, last)
         else:
             last, status, error = await self._resume_step(venue, venue_name, step, last, reported[step["step_id"]])
