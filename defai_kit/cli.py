@@ -328,10 +328,11 @@ def _check_worker(role: str, settings: Settings | None = None) -> None:
                             "the in-process bus cannot reach other processes")
 
 def paper_venues(prices: dict[str, str], balances: dict[str, str], fee_bps: str = "10", slippage_bps: str = "0",
-                 name: str = "paper") -> dict[str, Any]:
+                 name: str = "paper", latency_seconds: float = 0.0, journal: str | None = None) -> dict[str, Any]:
     "One paper venue named `name`, with market `prices` (symbol -> price) and `balances` (asset -> amount)."
     from defai_kit.venues import PaperVenue
-    venue = PaperVenue(name, balances, fee_bps=fee_bps, slippage_bps=slippage_bps)
+    venue = PaperVenue(name, balances, fee_bps=fee_bps, slippage_bps=slippage_bps, latency_seconds=latency_seconds,
+                       journal=journal)
     for symbol, price in prices.items():
         venue.update_market(symbol, price)
     return {name: venue}
@@ -391,11 +392,18 @@ def worker(
     balance: list[str] = typer.Option([], "--balance", help="Paper venue balance ASSET=AMOUNT, repeatable"),
     fee_bps: str = typer.Option("10", help="Paper venue fee, basis points"),
     slippage_bps: str = typer.Option("0", help="Paper venue slippage, basis points"),
+    latency_seconds: float = typer.Option(0.0, min=0, help="Orchestrator: seconds before a paper order reaches the market"),
+    journal: str = typer.Option(None, help="Orchestrator: the paper venue's journal file; its orders and balances "
+                                "survive a restart, so a new orchestrator finds the orders a dead one sent"),
 ) -> None:
     "Run the execution components of one role over NATS (DEFAI_BUS_URL, DEFAI_DATABASE_URL) until SIGTERM."
     _check_worker(role)
+    for option, given in (("--latency-seconds", latency_seconds), ("--journal", journal)):
+        if given and role != "orchestrator":             # the other roles only quote: no orders, nothing to journal
+            raise CommandLineError(f"{option}: only an orchestrator sends orders, not a {role}")
     prices = _assignments(price, "--price")
-    venues = paper_venues(prices, _assignments(balance, "--balance"), fee_bps, slippage_bps)
+    venues = paper_venues(prices, _assignments(balance, "--balance"), fee_bps, slippage_bps,
+                          latency_seconds=latency_seconds, journal=journal)
     marks = {symbol: Decimal(value) for symbol, value in prices.items()}     # checked by the venue above
     settings = _settings()
     _check_worker(role, settings)

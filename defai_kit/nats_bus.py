@@ -792,4 +792,5 @@ def bus_from_settings(settings: Settings | None = None, **options: Any) -> Bus:
     settings = settings if settings is not None else load_settings()
     if not settings.bus_url:
         return InProcessBus(queue_size=settings.bus_queue_size)
-    return NatsBus(settings.bus_url, queue_size=settings.bus_queue_size, **options)
+    return NatsBus(settings.bus_url, **{"queue_size": settings.bus_queue_size,
+                                        "ack_wait": settings.bus_ack_wait_seconds, **options})

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     bus_url: str = Field("", description="Event bus; empty means the in-process bus, nats://host:4222 means NATS JetStream")
     bus_queue_size: int = Field(10_000, gt=0, le=10_000_000, description="Events each bus subscriber may queue before "
                                 "its overflow policy applies")
+    bus_ack_wait_seconds: float = Field(30.0, gt=0, le=3600, description="NATS only: seconds a worker may hold an "
+                                        "event unacknowledged, with no word, before the bus hands it to another "
+                                        "member of the group (a crashed worker's plans move on after this long)")
     api_host: str = Field("127.0.0.1", description="Address the API listens on")
     api_port: int = Field(8000, ge=1, le=65535, description="Port the API listens on")
     api_token: SecretStr | None = Field(None, description="Bearer token every API route but /health requires; "

@@ -19,11 +19,12 @@ import pytest
 import sqlalchemy as sa
 
 from defai_kit.events import EventEnvelope
-from defai_kit.execution import FINAL_TOPICS
+from defai_kit.execution import FINAL_TOPICS, reconcile
 from defai_kit.intents import Intent, intent_event
 from defai_kit.ledger import compare_read_models, replay
 from defai_kit.nats_bus import NatsBus
 from defai_kit.store import open_store, upgrade_database
+from defai_kit.venues import PaperVenue
 from servers import NatsServer, WorkerProcess
 
 PRICE, FEE = Decimal("30000"), Decimal("0.001")            # every worker's paper market: BTC/USDT at 30,000, 10 bp fee
@@ -91,6 +92,23 @@ def wait_for_ledger(engine: sa.Engine, count: int, states: tuple[str, ...], time
     raise AssertionError(f"the ledger committed {found} of {count} intents {'/'.join(states)} within {timeout} s")
 
 
+def check_chains(stored: list, intents: list[Intent]) -> None:
+    "Every causation chain whole: one root, each event caused by the one before, in the journey's order."
+    journeys = defaultdict(list)
+    for row in stored:
+        journeys[row.correlation_id].append(row)
+    for intent in intents:
+        events = journeys[intent.intent_id]
+        caused = {row.causation_id: row for row in events}
+        assert len(caused) == len(events), "two events name the same cause"
+        chain, current = [], caused.pop(None)
+        while current is not None:
+            chain.append(current.topic)
+            current = caused.pop(current.event_id, None)
+        assert not caused, "an event is not on the chain from the root"
+        assert chain == (TWAP if intent.plan == "twap" else SINGLE)
+
+
 @pytest.fixture
 def nats_server():
     with NatsServer() as server:
@@ -145,20 +163,7 @@ def test_three_processes_over_nats(postgres, nats_server, tmp_path, kit_env):
     twaps = sum(1 for intent in intents if intent.plan == "twap")
     assert len(stored) == len(DEPOSIT) + (COUNT - twaps) * len(SINGLE) + twaps * len(TWAP)
 
-    # every causation chain whole: one root, each event caused by the one before, in the journey's order
-    journeys = defaultdict(list)
-    for row in stored:
-        journeys[row.correlation_id].append(row)
-    for intent in intents:
-        events = journeys[intent.intent_id]
-        caused = {row.causation_id: row for row in events}
-        assert len(caused) == len(events), "two events name the same cause"
-        chain, current = [], caused.pop(None)
-        while current is not None:
-            chain.append(current.topic)
-            current = caused.pop(current.event_id, None)
-        assert not caused, "an event is not on the chain from the root"
-        assert chain == (TWAP if intent.plan == "twap" else SINGLE)
+    check_chains(stored, intents)
 
     # replay of the store equals the live read models, and both equal figures worked out by hand
     assert compare_read_models(engine) == []
@@ -174,4 +179,74 @@ def test_three_processes_over_nats(postgres, nats_server, tmp_path, kit_env):
     assert Decimal(position) == bought - sold
     assert {asset: Decimal(amount) for asset, amount in balances.items()} == {"USDT": usdt,
                                                                                "BTC": DEPOSIT["BTC"] + bought - sold}
+    engine.dispose()
+
+
+def submitted_steps(engine: sa.Engine) -> set[str]:
+    "The intents with an `exec.step_submitted` in the store."
+    with engine.connect() as connection:
+        return set(connection.execute(sa.text(
+            "SELECT correlation_id FROM events WHERE topic = 'exec.step_submitted'")).scalars())
+
+
+@pytest.mark.timeout(120)
+def test_orchestrator_killed_mid_plan_resumes_on_another(postgres, nats_server, tmp_path, kit_env):
+    """An orchestrator is killed (SIGKILL) with its plans half done: every first order is at the venue and unfilled
+    (its paper orders take an hour to arrive), and a TWAP's second slice is not due yet. Nothing acknowledged the
+    plans, so after DEFAI_BUS_ACK_WAIT_SECONDS the stream hands them to a new orchestrator on the same venue
+    journal, as a restarted pod would be. It must resume each plan from the store: ask the venue for the orders
+    already sent (now filled) and send only the slice still due. Every order reaches the venue once, every journey
+    holds each event once, and the ledger, its replay and the venue agree."""
+    url = postgres.create_database(f"nats_kill_{os.getpid()}")
+    engine = open_store(url)
+    upgrade_database(engine)
+    env = dict(kit_env, DEFAI_BUS_URL=nats_server.url, DEFAI_DATABASE_URL=url, DEFAI_LOG_LEVEL="WARNING",
+               DEFAI_BUS_ACK_WAIT_SECONDS="2")
+    journal = tmp_path / "paper.jsonl"
+    venue_options = [*PAPER, "--journal", str(journal)]
+    intents = [Intent.of(symbol="BTC/USDT", side="buy", quantity="0.01"),
+               Intent.of(symbol="BTC/USDT", side="sell", quantity="0.02"),
+               Intent.of(symbol="BTC/USDT", side="buy", quantity="0.04", plan="twap", slices=2, interval_seconds=4)]
+    workers = [WorkerProcess(role, env, tmp_path, *PAPER) for role in ("core", "planner")]
+    doomed = WorkerProcess("orchestrator", env, tmp_path, *venue_options, "--latency-seconds", "3600")
+
+    def killed_mid_plan_then_replaced() -> None:
+        deadline = time.monotonic() + 20
+        while submitted_steps(engine) != {intent.intent_id for intent in intents}:
+            assert time.monotonic() < deadline, "the first orchestrator did not submit every first order"
+            time.sleep(0.02)
+        doomed.kill()
+        workers.append(WorkerProcess("orchestrator", env, tmp_path, *venue_options).wait_ready())
+    try:
+        for worker in [*workers, doomed]:
+            worker.wait_ready()
+        finals, _ = asyncio.run(submit(nats_server.url, intents, timeout=30, meanwhile=killed_mid_plan_then_replaced))
+        wait_for_ledger(engine, len(intents), ("completed", "rejected", "failed"), timeout=20)
+    finally:
+        doomed.kill()
+        codes = {worker.role: worker.stop() for worker in workers}
+    outputs = {worker.role: worker.output() for worker in workers}
+    assert codes == {"core": 0, "planner": 0, "orchestrator": 0}, outputs
+    assert "stopped" not in doomed.output()
+    for role, output in outputs.items():                  # nothing refused by the ledger, nothing above WARNING
+        assert '"level": "error"' not in output and "refused" not in output, output[-3000:]
+    assert finals == {intent.intent_id: "exec.completed" for intent in intents}
+
+    # each order reached the venue once: the journal the two orchestrators shared, one after the other
+    venue = PaperVenue("paper", journal=journal)
+    orders = [r["request"]["client_order_id"] for r in venue.journal.records() if r["kind"] == "order"]
+    steps = {f"{intent.intent_id}-s{number}" for intent in intents for number in range(1, intent.slices + 1)}
+    assert sorted(orders) == sorted(steps)
+
+    # each journey holds each event once, on one causation chain; replay equals live; ledger and venue agree
+    with engine.connect() as connection:
+        stored = connection.execute(sa.text(
+            "SELECT event_id, topic, correlation_id, causation_id FROM events ORDER BY sequence")).all()
+    check_chains(stored, intents)
+    assert compare_read_models(engine) == []
+    models = replay(engine)
+    bought = Decimal("0.05") * PRICE * (1 + FEE)
+    sold = Decimal("0.02") * PRICE * (1 - FEE)
+    assert models.portfolio.balances[("paper", "USDT")] == DEPOSIT["USDT"] - bought + sold
+    assert asyncio.run(reconcile(models, venue)) == []
     engine.dispose()
