@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from .bus import InProcessBus, delivery_attempt
 from .events import EventEnvelope
 from .intents import FINAL_STATES, Intent, IntentError, IntentState, intent_event
-from .ledger import Ledger, ReadModels
+from .ledger import LEDGER_SUBSCRIPTIONS, Ledger, ReadModels
 from .logs import get_logger
 from .planner import PlanError, plan_intent
 from .positions import PositionError
@@ -34,8 +34,8 @@ from .store import EventStore
 from .venues import OrderRequest, Venue, VenueError
 
 # %% auto #0
-__all__ = ['FINAL_TOPICS', 'Publish', 'GC_ALLOCATIONS', 'ExecutionError', 'RiskStage', 'PlannerStage', 'Orchestrator', 'Cause',
-           'relax_garbage_collection', 'ExecutionEngine', 'Difference', 'reconcile']
+__all__ = ['FINAL_TOPICS', 'Publish', 'STORE_CATCH_UP_SECONDS', 'GC_ALLOCATIONS', 'ExecutionError', 'RiskStage', 'PlannerStage',
+           'Orchestrator', 'Cause', 'relax_garbage_collection', 'ExecutionEngine', 'Difference', 'reconcile']
 
 # %% ../nbs/36_execution.ipynb #f3d7f217
 class ExecutionError(DefaiError):
@@ -326,10 +326,16 @@ def _resumption(self: Orchestrator, models: ReadModels, intent_id: str,
     known = {s["step_id"]: fills_per_order.get(s["step_id"], 0) for s in steps if s["step_id"] in models.orders}
     return self._execute({"venue": plan["venue"], "steps": steps}, cause, known, planned_at)
 
+STORE_CATCH_UP_SECONDS = 60.0   # how long a plan handed over again waits for the ledger before it is handed back
+
 @patch
 async def _redelivered(self: Orchestrator, event: EventEnvelope) -> None:
     "A `plan.created` handed over again: resume the plan from its stored journey; run it only if nothing is stored."
     intent_id = event.correlation_id
+    caught_up = getattr(self.bus, "caught_up", None)        # over NATS: the dead one's events may not be stored yet
+    if caught_up is not None and not await caught_up(LEDGER_SUBSCRIPTIONS.values(), STORE_CATCH_UP_SECONDS):
+        raise ExecutionError(f"plan of {intent_id} handed over again: the ledger has not stored what the stream holds "
+                             f"after {STORE_CATCH_UP_SECONDS:g} s; handed back, to be tried again later")
     try:
         stored = await asyncio.to_thread(EventStore(self.store).read, correlation_id=intent_id)
     except SQLAlchemyError as error:                      # no store to read here: run it, as a first delivery would

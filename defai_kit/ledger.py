@@ -37,9 +37,9 @@ from .settings import DefaiError
 from .store import EventRecord, StoreError, _insert_ignoring_duplicates, as_utc
 
 # %% auto #0
-__all__ = ['INTENTS', 'PLANS', 'ORDERS', 'FILLS', 'BALANCES', 'POSITIONS', 'READ_MODELS', 'LEDGER_TOPICS', 'WRITER_LEASE_SECONDS',
-           'WRITER_WAIT_SECONDS', 'LedgerError', 'LeaseLost', 'ReadModels', 'WriterLease', 'Ledger',
-           'stored_trading_events', 'replay', 'compare_read_models', 'rebuild_read_models']
+__all__ = ['INTENTS', 'PLANS', 'ORDERS', 'FILLS', 'BALANCES', 'POSITIONS', 'READ_MODELS', 'LEDGER_TOPICS', 'LEDGER_SUBSCRIPTIONS',
+           'WRITER_LEASE_SECONDS', 'WRITER_WAIT_SECONDS', 'LedgerError', 'LeaseLost', 'ReadModels', 'WriterLease',
+           'Ledger', 'stored_trading_events', 'replay', 'compare_read_models', 'rebuild_read_models']
 
 # %% ../nbs/35_ledger.ipynb #c6c4794e
 class LedgerError(DefaiError):
@@ -88,6 +88,7 @@ POSITIONS = _table("positions", sa.Column("venue", sa.String(64), primary_key=Tr
 
 READ_MODELS: dict[str, sa.Table] = {t.name: t for t in (INTENTS, PLANS, ORDERS, FILLS, BALANCES, POSITIONS)}
 LEDGER_TOPICS = ("intent.>", "risk.>", "plan.>", "exec.>", "account.>")
+LEDGER_SUBSCRIPTIONS = {pattern: f"ledger:{pattern}" for pattern in LEDGER_TOPICS}   # durable names over NATS
 
 # %% ../nbs/35_ledger.ipynb #4c3c92ac
 def _text(value: Decimal | None) -> str | None:
@@ -675,8 +676,10 @@ def attach(self: Ledger, bus: Any) -> list[Any]:
     "Subscribe to every trading topic on `bus` (call inside the running event loop); keep the writer lease meanwhile."
     self._lease_timer = asyncio.get_running_loop().call_later(WRITER_LEASE_SECONDS / 3, self._keep_lease)
     if getattr(bus, "acks_when_done", False):     # NATS: acknowledge each event once it is on disk
-        return [bus.subscribe(pattern, self.receive_until_stored, name=f"ledger:{pattern}") for pattern in LEDGER_TOPICS]
-    return [bus.subscribe(pattern, self.receive, name=f"ledger:{pattern}", inline=True) for pattern in LEDGER_TOPICS]
+        return [bus.subscribe(pattern, self.receive_until_stored, name=name)
+                for pattern, name in LEDGER_SUBSCRIPTIONS.items()]
+    return [bus.subscribe(pattern, self.receive, name=name, inline=True)
+            for pattern, name in LEDGER_SUBSCRIPTIONS.items()]
 
 @patch
 def receive_until_stored(self: Ledger, event: EventEnvelope) -> asyncio.Future:

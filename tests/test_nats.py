@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from collections import defaultdict
 from decimal import Decimal
+from pathlib import Path
 from typing import Callable
 
 import orjson
@@ -109,6 +111,17 @@ def check_chains(stored: list, intents: list[Intent]) -> None:
         assert chain == (TWAP if intent.plan == "twap" else SINGLE)
 
 
+STOPPED_GRACEFULLY = {"core": 0, "planner": 0, "orchestrator": 0}
+
+
+def stop_workers(running: list[WorkerProcess], killed: list[WorkerProcess]) -> tuple[dict, dict]:
+    "Make sure the `killed` are dead, stop the `running` by SIGTERM; their exit codes and outputs, by role."
+    for worker in killed:
+        worker.kill()
+    codes = {worker.role: worker.stop() for worker in running}
+    return codes, {worker.role: worker.output() for worker in running}
+
+
 @pytest.fixture
 def nats_server():
     with NatsServer() as server:
@@ -136,10 +149,8 @@ def test_three_processes_over_nats(postgres, nats_server, tmp_path, kit_env):
         finals, stream = asyncio.run(submit(nats_server.url, intents, timeout=20, meanwhile=orchestrator_comes_back))
         wait_for_ledger(engine, COUNT, ("completed", "rejected", "failed"), timeout=20)
     finally:
-        crashed.kill()
-        codes = {worker.role: worker.stop() for worker in workers}
-    outputs = {worker.role: worker.output() for worker in workers}
-    assert codes == {"core": 0, "planner": 0, "orchestrator": 0}, outputs
+        codes, outputs = stop_workers(workers, killed=[crashed])
+    assert codes == STOPPED_GRACEFULLY, outputs
     assert "stopped" not in crashed.output()
     for role, output in outputs.items():                      # a graceful stop, and nothing logged above WARNING
         assert f"worker {role} stopped:" in output and '"level": "error"' not in output, output[-3000:]
@@ -189,24 +200,60 @@ def submitted_steps(engine: sa.Engine) -> set[str]:
             "SELECT correlation_id FROM events WHERE topic = 'exec.step_submitted'")).scalars())
 
 
+def journalled_orders(journal: Path) -> list[str]:
+    "The client order ids in the paper venue's journal, read while an orchestrator may be appending to it."
+    lines = journal.read_text().splitlines() if journal.exists() else []
+    records = [orjson.loads(line) for line in lines if line.endswith("}")]
+    return [record["request"]["client_order_id"] for record in records if record["kind"] == "order"]
+
+
+def handed_over_intents(twap_interval: float) -> list[Intent]:
+    "Two single orders and a TWAP whose second slice is due `twap_interval` seconds after its plan."
+    return [Intent.of(symbol="BTC/USDT", side="buy", quantity="0.01"),
+            Intent.of(symbol="BTC/USDT", side="sell", quantity="0.02"),
+            Intent.of(symbol="BTC/USDT", side="buy", quantity="0.04", plan="twap", slices=2,
+                      interval_seconds=twap_interval)]
+
+
+def check_handed_over(engine: sa.Engine, journal: Path, intents: list[Intent], finals: dict[str, str],
+                      outputs: dict[str, str]) -> None:
+    "Every order sent once, every journey whole with each event once, and the ledger, its replay and the venue agree."
+    for role, output in outputs.items():                  # nothing refused by the ledger, nothing above WARNING
+        assert '"level": "error"' not in output and "refused" not in output, output[-3000:]
+    assert finals == {intent.intent_id: "exec.completed" for intent in intents}
+    steps = [f"{intent.intent_id}-s{number}" for intent in intents for number in range(1, intent.slices + 1)]
+    assert sorted(journalled_orders(journal)) == sorted(steps)        # the two orchestrators' journal, in turn
+    with engine.connect() as connection:
+        stored = connection.execute(sa.text(
+            "SELECT event_id, topic, correlation_id, causation_id FROM events ORDER BY sequence")).all()
+    check_chains(stored, intents)
+    assert compare_read_models(engine) == []
+    models = replay(engine)
+    bought, sold = (sum(i.quantity for i in intents if i.side == side) * PRICE for side in ("buy", "sell"))
+    assert models.portfolio.balances[("paper", "USDT")] == DEPOSIT["USDT"] - bought * (1 + FEE) + sold * (1 - FEE)
+    assert asyncio.run(reconcile(models, PaperVenue("paper", journal=journal))) == []
+
+
+def handed_over_setting(postgres, nats_server, tmp_path, kit_env, name: str):
+    "A fresh database, the workers' environment (acknowledgements wait 2 s) and the paper venue's journal."
+    url = postgres.create_database(f"{name}_{os.getpid()}")
+    engine = open_store(url)
+    upgrade_database(engine)
+    env = dict(kit_env, DEFAI_BUS_URL=nats_server.url, DEFAI_DATABASE_URL=url, DEFAI_LOG_LEVEL="WARNING",
+               DEFAI_BUS_ACK_WAIT_SECONDS="2")
+    journal = tmp_path / "paper.jsonl"
+    return engine, env, journal, [*PAPER, "--journal", str(journal)]
+
+
 @pytest.mark.timeout(120)
 def test_orchestrator_killed_mid_plan_resumes_on_another(postgres, nats_server, tmp_path, kit_env):
     """An orchestrator is killed (SIGKILL) with its plans half done: every first order is at the venue and unfilled
     (its paper orders take an hour to arrive), and a TWAP's second slice is not due yet. Nothing acknowledged the
     plans, so after DEFAI_BUS_ACK_WAIT_SECONDS the stream hands them to a new orchestrator on the same venue
     journal, as a restarted pod would be. It must resume each plan from the store: ask the venue for the orders
-    already sent (now filled) and send only the slice still due. Every order reaches the venue once, every journey
-    holds each event once, and the ledger, its replay and the venue agree."""
-    url = postgres.create_database(f"nats_kill_{os.getpid()}")
-    engine = open_store(url)
-    upgrade_database(engine)
-    env = dict(kit_env, DEFAI_BUS_URL=nats_server.url, DEFAI_DATABASE_URL=url, DEFAI_LOG_LEVEL="WARNING",
-               DEFAI_BUS_ACK_WAIT_SECONDS="2")
-    journal = tmp_path / "paper.jsonl"
-    venue_options = [*PAPER, "--journal", str(journal)]
-    intents = [Intent.of(symbol="BTC/USDT", side="buy", quantity="0.01"),
-               Intent.of(symbol="BTC/USDT", side="sell", quantity="0.02"),
-               Intent.of(symbol="BTC/USDT", side="buy", quantity="0.04", plan="twap", slices=2, interval_seconds=4)]
+    already sent (now filled) and send only the slice still due."""
+    engine, env, journal, venue_options = handed_over_setting(postgres, nats_server, tmp_path, kit_env, "killed")
+    intents = handed_over_intents(twap_interval=4)
     workers = [WorkerProcess(role, env, tmp_path, *PAPER) for role in ("core", "planner")]
     doomed = WorkerProcess("orchestrator", env, tmp_path, *venue_options, "--latency-seconds", "3600")
 
@@ -223,30 +270,54 @@ def test_orchestrator_killed_mid_plan_resumes_on_another(postgres, nats_server, 
         finals, _ = asyncio.run(submit(nats_server.url, intents, timeout=30, meanwhile=killed_mid_plan_then_replaced))
         wait_for_ledger(engine, len(intents), ("completed", "rejected", "failed"), timeout=20)
     finally:
-        doomed.kill()
-        codes = {worker.role: worker.stop() for worker in workers}
-    outputs = {worker.role: worker.output() for worker in workers}
-    assert codes == {"core": 0, "planner": 0, "orchestrator": 0}, outputs
+        codes, outputs = stop_workers(workers, killed=[doomed])
+    assert codes == STOPPED_GRACEFULLY, outputs
     assert "stopped" not in doomed.output()
-    for role, output in outputs.items():                  # nothing refused by the ledger, nothing above WARNING
-        assert '"level": "error"' not in output and "refused" not in output, output[-3000:]
-    assert finals == {intent.intent_id: "exec.completed" for intent in intents}
+    check_handed_over(engine, journal, intents, finals, outputs)
+    engine.dispose()
 
-    # each order reached the venue once: the journal the two orchestrators shared, one after the other
-    venue = PaperVenue("paper", journal=journal)
-    orders = [r["request"]["client_order_id"] for r in venue.journal.records() if r["kind"] == "order"]
-    steps = {f"{intent.intent_id}-s{number}" for intent in intents for number in range(1, intent.slices + 1)}
-    assert sorted(orders) == sorted(steps)
 
-    # each journey holds each event once, on one causation chain; replay equals live; ledger and venue agree
-    with engine.connect() as connection:
-        stored = connection.execute(sa.text(
-            "SELECT event_id, topic, correlation_id, causation_id FROM events ORDER BY sequence")).all()
-    check_chains(stored, intents)
-    assert compare_read_models(engine) == []
-    models = replay(engine)
-    bought = Decimal("0.05") * PRICE * (1 + FEE)
-    sold = Decimal("0.02") * PRICE * (1 - FEE)
-    assert models.portfolio.balances[("paper", "USDT")] == DEPOSIT["USDT"] - bought + sold
-    assert asyncio.run(reconcile(models, venue)) == []
+@pytest.mark.timeout(150)
+def test_handed_over_plan_waits_for_a_lagging_ledger(postgres, nats_server, tmp_path, kit_env):
+    """The race the resume must not lose. The ledger's process is frozen (SIGSTOP) while an orchestrator takes the
+    plans, sends the first orders and is killed: what it published is in the stream, not in the store. The new
+    orchestrator gets the plans again while the ledger is still frozen. Read now, the stored journeys would end at
+    `plan.created` and the plans would run again: a second `exec.started`, refused by the ledger, and the intents
+    stuck. It must wait until the ledger, thawed (SIGCONT), has stored what the stream holds, then resume."""
+    engine, env, journal, venue_options = handed_over_setting(postgres, nats_server, tmp_path, kit_env, "lagging")
+    intents = handed_over_intents(twap_interval=8)
+    workers = [WorkerProcess(role, env, tmp_path, *PAPER) for role in ("core", "planner")]
+    core = workers[0]
+    earlier = WorkerProcess("orchestrator", env, tmp_path, *PAPER)     # made the group; stopped: the plans wait
+    orchestrators: list[WorkerProcess] = []
+
+    def ledger_frozen_while_orchestrator_dies() -> None:
+        wait_for_ledger(engine, len(intents), ("planned",), timeout=20)
+        os.kill(core.process.pid, signal.SIGSTOP)
+        try:
+            doomed = WorkerProcess("orchestrator", env, tmp_path, *venue_options, "--latency-seconds", "3600")
+            orchestrators.append(doomed.wait_ready())
+            deadline = time.monotonic() + 20
+            while len(journalled_orders(journal)) < len(intents):    # every first order at the venue
+                assert time.monotonic() < deadline, "the first orchestrator did not send every first order"
+                time.sleep(0.02)
+            time.sleep(0.3)                                            # and its exec.step_submitted in the stream
+            doomed.kill()
+            orchestrators.append(WorkerProcess("orchestrator", env, tmp_path, *venue_options).wait_ready())
+            time.sleep(2 + 1.5)               # past the acknowledgement wait: the new one has the plans, and waits
+            assert submitted_steps(engine) == set()                   # the store never saw the first orchestrator
+        finally:
+            os.kill(core.process.pid, signal.SIGCONT)
+    try:
+        for worker in [*workers, earlier]:
+            worker.wait_ready()
+        assert earlier.stop() == 0
+        finals, _ = asyncio.run(submit(nats_server.url, intents, timeout=40,
+                                       meanwhile=ledger_frozen_while_orchestrator_dies))
+        wait_for_ledger(engine, len(intents), ("completed", "rejected", "failed"), timeout=20)
+    finally:
+        os.kill(core.process.pid, signal.SIGCONT)
+        codes, outputs = stop_workers([*workers, *orchestrators[1:]], killed=orchestrators[:1])
+    assert codes == STOPPED_GRACEFULLY, outputs
+    check_handed_over(engine, journal, intents, finals, outputs)
     engine.dispose()
