@@ -1,7 +1,8 @@
 """Execution-core benchmark: intents per second through risk -> plan -> paper fill -> ledger with every event
 persisted, on SQLite and PostgreSQL, against a naive ledger (one database transaction per event) in the same run;
 the same sustained, with a client keeping 1,000 intents open (it submits the next as the oldest is stored); and the
-pre-chain latency, submit -> plan.created, p50 and p99.
+pre-chain latency, submit -> plan.created, p50 and p99; and an agent runner's trading tick (start an engine, one
+intent, stop) on the store the runs left, replaying the whole store against going on from the last tick's ledger.
 
 Run: .venv/bin/python bench/bench_execution.py [--quick]   (about a minute; starts a throwaway PostgreSQL on
 127.0.0.1 when its binaries are installed)
@@ -22,7 +23,7 @@ from defai_kit.execution import ExecutionEngine  # noqa: E402
 from defai_kit.intents import Intent  # noqa: E402
 from defai_kit.ledger import Ledger, compare_read_models  # noqa: E402
 from defai_kit.risk import RiskEngine, RiskLimits  # noqa: E402
-from defai_kit.store import open_store, upgrade_database  # noqa: E402
+from defai_kit.store import EventStore, open_store, upgrade_database  # noqa: E402
 from defai_kit.venues import PaperVenue  # noqa: E402
 
 QUICK = "--quick" in sys.argv
@@ -40,16 +41,16 @@ class NaiveLedger(Ledger):
         self.write([event])
 
 
-def make_core(url: str, naive: bool = False) -> ExecutionEngine:
+def make_core(url: str, naive: bool = False, since: Ledger | None = None) -> ExecutionEngine:
     engine = open_store(url)
     upgrade_database(engine)
     venue = PaperVenue("paper", {"USDT": "10000000000", "BTC": "0"}, fee_bps=10, slippage_bps=2)
     venue.update_market("BTC/USDT", Decimal("30000"), quote_volume=Decimal("1000000000"))
-    core = ExecutionEngine(engine, {"paper": venue}, risk=RiskEngine(LIMITS), poll_seconds=0.001)
+    core = ExecutionEngine(engine, {"paper": venue}, risk=RiskEngine(LIMITS), poll_seconds=0.001, since=since)
     core.update_mark("BTC/USDT", Decimal("30000"))
     if naive:
         original = Ledger.open
-        Ledger.open = classmethod(lambda cls, engine: NaiveLedger(engine))   # this process only
+        Ledger.open = classmethod(lambda cls, engine, **_: NaiveLedger(engine))   # this process only
         core._restore = lambda: setattr(Ledger, "open", original)
     return core
 
@@ -97,6 +98,20 @@ async def latency(url: str, count: int) -> list[float]:
     return samples
 
 
+async def trading_ticks(url: str, count: int, going_on: bool) -> float:
+    "Median seconds of a runner's trading tick: start an engine, one intent to completion, stop."
+    samples, last = [], None
+    for _ in range(count):
+        began = time.perf_counter()
+        core = make_core(url, since=last if going_on else None)
+        async with core:
+            await core.wait(await core.submit_intent(symbol="BTC/USDT", side="buy", quantity="0.001"))
+        samples.append(time.perf_counter() - began)
+        last = core.ledger
+        core.engine.dispose()
+    return statistics.median(samples[1:] if going_on else samples)   # going on: the first tick replays it all
+
+
 def run(url: str, label: str) -> None:
     seconds, completed, differences = asyncio.run(throughput(url, INTENTS))
     naive_count = INTENTS // 5
@@ -112,6 +127,10 @@ def run(url: str, label: str) -> None:
     samples = sorted(asyncio.run(latency(url, 200 if QUICK else 1_000)))
     p50, p99 = statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
     print(f"{label:<10} submit -> plan.created, one at a time: p50 {p50:.3f} ms, p99 {p99:.3f} ms")
+    history = EventStore(open_store(url)).count()
+    replaying, going_on = (asyncio.run(trading_ticks(url, 3, going_on)) for going_on in (False, True))
+    print(f"{label:<10} a runner's trading tick on a store of {history:,} events: replaying it all {replaying:.3f} s, "
+          f"going on from the last tick's ledger {going_on:.3f} s  => {replaying / going_on:,.0f}x")
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import re
 import socket
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import ROUND_DOWN, Decimal
@@ -34,6 +35,7 @@ from .bus import run_sync
 from .events import EventEnvelope, new_event_id
 from .execution import Difference, ExecutionEngine
 from .intents import Intent
+from .ledger import Ledger
 from .risk import RiskEngine, RiskError, RiskLimits
 from .settings import DefaiError, Settings
 from .store import EventStore, StoreError, as_utc, open_store, upgrade_database
@@ -979,6 +981,8 @@ def _outcome(row: Mapping[str, Any]) -> dict[str, Any]:
             "average_price", "fees")
     return {key: (str(row.get(key)) if isinstance(row.get(key), Decimal) else row.get(key)) for key in keys}
 
+_LAST_LEDGERS: weakref.WeakKeyDictionary[Engine, Ledger] = weakref.WeakKeyDictionary()   # per store, this process
+
 async def _send(decision: TickDecision, config: AgentConfig, settings: Settings, engine: Engine,
                 markets: Mapping[str, Market], fill_time: pd.Timestamp, submitted: list[str]) -> list[dict[str, Any]]:
     "Submit a tick's intents through an execution engine with the agent's paper account; their final rows."
@@ -988,7 +992,10 @@ async def _send(decision: TickDecision, config: AgentConfig, settings: Settings,
     for symbol, market in markets.items():
         venue.update_market(symbol, market.price, market.quote_volume, timestamp=fill_time)
     risk = RiskEngine.from_settings(settings, {config.agent_id: config.risk_limits} if config.risk_limits else None)
-    async with ExecutionEngine(engine, {config.venue: venue}, risk=risk, live_trading=settings.live_trading) as core:
+    core = ExecutionEngine(engine, {config.venue: venue}, risk=risk, live_trading=settings.live_trading,
+                           since=_LAST_LEDGERS.get(engine))   # a runner's ticks replay only what came after the last
+    async with core:
+        _LAST_LEDGERS[engine] = core.ledger           # the next tick goes on from it, once it is closed
         if new_account:
             await core.fund(config.venue, config.quote_asset, config.initial_cash)
         for symbol, market in markets.items():

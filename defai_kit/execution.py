@@ -303,9 +303,10 @@ def _fills_per_order(models: ReadModels) -> dict[str, int]:
 @patch
 def recover(self: Orchestrator, models: ReadModels) -> list[str]:
     "Resume every plan the ledger shows planned or executing (one task each); the intent ids resumed."
-    fills_per_order = _fills_per_order(models)
+    open_intents = [intent_id for intent_id in models.journeys if intent_id in models.intents]  # ended: no journey
+    fills_per_order = _fills_per_order(models) if open_intents else {}
     resumed = []
-    for intent_id in list(models.intents):
+    for intent_id in open_intents:
         if (work := self._resumption(models, intent_id, fills_per_order)) is not None:
             self._spawn(work, intent_id)
             resumed.append(intent_id)
@@ -359,7 +360,7 @@ async def _resume_step(self: Orchestrator, venue: Venue, venue_name: str, step: 
         return await self._send(venue, venue_name, step, last)
     return await self._follow(venue, venue_name, step["step_id"], last, reported)
 
-# %% ../nbs/36_execution.ipynb #90d0c14f
+# %% ../nbs/36_execution.ipynb #9bcaf9ef
 GC_ALLOCATIONS = 50_000
 
 def relax_garbage_collection() -> tuple[int, int, int]:
@@ -373,7 +374,7 @@ class ExecutionEngine:
 
     def __init__(self, engine: Engine, venues: Mapping[str, Venue], *, risk: RiskEngine | None = None,
                  bus: InProcessBus | None = None, live_trading: bool = False, step_timeout: float = 30.0,
-                 poll_seconds: float = 0.05):
+                 poll_seconds: float = 0.05, since: Ledger | None = None):
         for name, venue in venues.items():
             if not isinstance(venue, Venue):
                 raise ExecutionError(f"venues.{name}: {type(venue).__name__} does not implement the venue protocol")
@@ -382,7 +383,7 @@ class ExecutionEngine:
                                      "(DEFAI_LIVE_TRADING=true); paper trading is the default")
         self.engine, self.venues = engine, dict(venues)
         self.risk = risk if risk is not None else RiskEngine(RiskLimits())
-        self.bus = bus
+        self.bus, self.since = bus, since
         self.step_timeout, self.poll_seconds = step_timeout, poll_seconds
         self.marks: dict[str, Decimal] = {}
         self.ledger: Ledger | None = None
@@ -399,7 +400,7 @@ class ExecutionEngine:
         self._gc_before = relax_garbage_collection()
         if self.bus is None:
             self.bus = InProcessBus()
-        self.ledger = await asyncio.to_thread(Ledger.open, self.engine)   # it may wait for the writer lease
+        self.ledger = await asyncio.to_thread(partial(Ledger.open, self.engine, since=self.since))   # may wait (lease)
         self.ledger.attach(self.bus)
         self.risk_stage = RiskStage(self.risk, self.ledger.models, self.venues, self.marks)
         self.planner = PlannerStage(self.venues, self.marks)

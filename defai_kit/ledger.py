@@ -463,9 +463,11 @@ def _next_sequence(engine: Engine) -> int:
     with engine.connect() as connection:
         return (connection.execute(sa.select(sa.func.max(EventRecord.__table__.c.sequence))).scalar() or 0) + 1
 
-def _recent_event_ids(engine: Engine, count: int) -> list[str]:
+def _recent_event_ids(engine: Engine, count: int, after: int | None = None) -> list[str]:
+    "The ids of the last `count` events the ledger numbered (after number `after`), in its order."
     table = EventRecord.__table__
-    query = sa.select(table.c.event_id).where(table.c.sequence.is_not(None)).order_by(table.c.sequence.desc()).limit(count)
+    numbered = table.c.sequence.is_not(None) if after is None else table.c.sequence > after
+    query = sa.select(table.c.event_id).where(numbered).order_by(table.c.sequence.desc()).limit(count)
     with engine.connect() as connection:
         return [row[0] for row in connection.execute(query)][::-1]
 
@@ -547,12 +549,12 @@ class WriterLease:
             connection.execute(_WRITER.update().where(_THE_LEDGER, _WRITER.c.holder == self.holder)
                                .values(holder=None, expires_at=None))
 
-# %% ../nbs/35_ledger.ipynb #61c4e2ec
+# %% ../nbs/35_ledger.ipynb #e6828e10
 class Ledger:
     "The single writer of trading events and read models."
 
     def __init__(self, engine: Engine, models: ReadModels | None = None, *, window: int = 200_000,
-                 lease: WriterLease | None = None):
+                 lease: WriterLease | None = None, seen: dict[str, None] | None = None):
         self.engine = engine
         self.lease = lease if lease is not None else WriterLease.take(engine)   # before anything is read
         self.models = models if models is not None else ReadModels()
@@ -560,7 +562,12 @@ class Ledger:
         self.committed = self.sequence - 1                   # the highest sequence number known to be on disk
         self.stored = self.duplicates = self.batches = 0
         self.window = window
-        self._seen: dict[str, None] = dict.fromkeys(_recent_event_ids(engine, window))
+        self._seen: dict[str, None] = seen if seen is not None else dict.fromkeys(_recent_event_ids(engine, window))
+        for _ in range(len(self._seen) - window):            # ids handed on: only the newest `window`
+            del self._seen[next(iter(self._seen))]
+        self.last_event_id = next(reversed(self._seen), None)   # the event numbered `committed`, as far as known
+        self.replayed_after = 0                              # the models came from a replay of the events after this
+        self.closed = self.handed_on = False                 # handed on: a later ledger goes on with the models
         self._pending: list[tuple[int, EventEnvelope]] = []
         self._statements = _Statements(engine)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ledger-writer")
@@ -572,11 +579,18 @@ class Ledger:
         self._log = get_logger("ledger")
 
     @classmethod
-    def open(cls, engine: Engine, wait_seconds: float = WRITER_WAIT_SECONDS) -> Ledger:
-        "The ledger of the store at `engine`: the writer lease taken, then the models rebuilt by replaying the store."
+    def open(cls, engine: Engine, wait_seconds: float = WRITER_WAIT_SECONDS, *, since: Ledger | None = None) -> Ledger:
+        "The ledger of the store at `engine`: the writer lease taken, then its models replayed from the store."
         lease = WriterLease.take(engine, wait_seconds)
         try:
-            return cls(engine, replay(engine), lease=lease)
+            continued = _continued(since, engine)            # `since`'s models and remembered ids, if they can go on
+            if continued is None:
+                return cls(engine, replay(engine), lease=lease)
+            models, after, seen = continued
+            seen.update(dict.fromkeys(_recent_event_ids(engine, since.window, after)))
+            ledger = cls(engine, replay(engine, models, after), lease=lease, window=since.window, seen=seen)
+            ledger.replayed_after = after
+            return ledger
         except BaseException:
             lease.release()
             raise
@@ -646,7 +660,7 @@ class Ledger:
         self.stored += inserted
         self.batches += 1
         if batch:
-            self.committed = batch[-1][0]
+            self.committed, self.last_event_id = batch[-1][0], batch[-1][1].event_id
             self._release(self.committed)
 
     def _release(self, last: int, error: Exception | None = None) -> None:
@@ -670,7 +684,7 @@ class Ledger:
         self._stored_batch(batch, inserted)
         return applied
 
-# %% ../nbs/35_ledger.ipynb #a63ce7f3
+# %% ../nbs/35_ledger.ipynb #7b4c9ef0
 @patch
 def attach(self: Ledger, bus: Any) -> list[Any]:
     "Subscribe to every trading topic on `bus` (call inside the running event loop); keep the writer lease meanwhile."
@@ -756,6 +770,7 @@ def close(self: Ledger) -> None:
         self._lease_timer.cancel()
     self._writer.shutdown(wait=True)
     self.lease.release()
+    self.closed = True
 
 @patch
 def _keep_lease(self: Ledger) -> None:
@@ -768,11 +783,10 @@ def _lease_renewed(self: Ledger, renewal: Any) -> None:
     if renewal.exception() is not None:
         self._log.error("writer lease not renewed", error=str(renewal.exception()))
 
-# %% ../nbs/35_ledger.ipynb #8fde4bbd
-def stored_trading_events(engine: Engine, batch: int = 20_000) -> Iterable[EventEnvelope]:
-    "The events the ledger applied, in its order, read in batches."
+# %% ../nbs/35_ledger.ipynb #4c907083
+def stored_trading_events(engine: Engine, batch: int = 20_000, after: int = 0) -> Iterable[EventEnvelope]:
+    "The events the ledger applied, in its order (those numbered after `after`), read in batches."
     table = EventRecord.__table__
-    after = 0
     while True:
         query = (sa.select(table).where(table.c.sequence > after).order_by(table.c.sequence).limit(batch))
         with engine.connect() as connection:
@@ -786,14 +800,29 @@ def stored_trading_events(engine: Engine, batch: int = 20_000) -> Iterable[Event
             return
         after = rows[-1]["sequence"]
 
-def replay(engine: Engine) -> ReadModels:
-    "Read models rebuilt from the event store alone."
-    models = ReadModels()
-    models._log = get_logger("ledger.replay")
-    for event in stored_trading_events(engine):
+def replay(engine: Engine, models: ReadModels | None = None, after: int = 0) -> ReadModels:
+    "Read models rebuilt from the event store alone; or `models`, holding its events up to `after`, brought up to date."
+    if models is None:
+        models = ReadModels()
+        models._log = get_logger("ledger.replay")
+    for event in stored_trading_events(engine, after=after):
         models.apply(event)
     models.take_dirty()
     return models
+
+def _continued(since: Ledger | None, engine: Engine) -> tuple[ReadModels, int, dict[str, None]] | None:
+    "`since`'s models, the last number they hold and its remembered ids, if they can go on (closed, all on disk)."
+    if (since is None or not since.closed or since.handed_on or since.committed != since.sequence - 1
+            or since.engine.url != engine.url):
+        return None
+    table = EventRecord.__table__
+    with engine.connect() as connection:                  # the store was not reset or rebuilt since
+        there = connection.execute(sa.select(table.c.event_id).where(table.c.sequence == since.committed)).scalar()
+    if there != since.last_event_id:
+        return None
+    since.models.observers = []                           # the closed ledger's components are gone
+    since.handed_on = True                                # once: the next ledger moves them on
+    return since.models, since.committed, since._seen
 
 def _comparable(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (as_utc(v) if isinstance(v, datetime) else v) for k, v in row.items()}
