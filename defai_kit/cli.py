@@ -19,12 +19,13 @@ from .logs import configure_logging
 from .settings import DefaiError, Settings, load_settings, settings_example
 
 # %% auto #0
-__all__ = ['app', 'db_app', 'settings_app', 'api_app', 'data_app', 'runs_app', 'CONFIG_HELP', 'WORKER_ROLES', 'agent_app',
-           'AGENT_SET_HELP', 'RISK_HELP', 'version', 'demo', 'db_upgrade', 'db_state', 'data_import', 'data_fetch',
-           'data_list', 'settings_show', 'settings_example_command', 'api_serve', 'CommandLineError', 'strategies',
-           'backtest', 'walk_forward_command', 'runs_list', 'runs_show', 'runs_compare', 'replay', 'paper_venues',
-           'run_worker', 'worker', 'agent_create', 'agent_list', 'agent_show', 'agent_update', 'agent_start',
-           'agent_stop', 'agent_delete', 'agent_tick', 'agent_run', 'reconcile', 'run', 'main']
+__all__ = ['app', 'db_app', 'settings_app', 'api_app', 'data_app', 'API_URL_HELP', 'runs_app', 'CONFIG_HELP', 'WORKER_ROLES',
+           'agent_app', 'AGENT_SET_HELP', 'RISK_HELP', 'FETCH_HELP', 'version', 'demo', 'db_upgrade', 'db_state',
+           'data_import', 'data_fetch', 'data_list', 'settings_show', 'settings_example_command', 'api_serve',
+           'CommandLineError', 'strategies', 'backtest', 'walk_forward_command', 'runs_list', 'runs_show',
+           'runs_compare', 'replay', 'paper_venues', 'run_worker', 'worker', 'agent_create', 'agent_list', 'agent_show',
+           'agent_update', 'agent_start', 'agent_stop', 'agent_delete', 'agent_tick', 'agent_run', 'reconcile', 'run',
+           'main']
 
 # %% ../nbs/90_cli.ipynb #23c5dbcd
 app = typer.Typer(help="defai-kit: research, backtest and trade crypto and DeFi, from notebooks to production.",
@@ -104,6 +105,16 @@ def data_import(
         for line in report.lines():
             typer.echo(line)
 
+API_URL_HELP = "Override one of the exchange's API URLs, NAME=URL (testnets, proxies)"
+
+def _api_urls(given: list[str]) -> dict[str, str]:
+    "`--api-url NAME=URL` options as a dict; DataError naming the first one written another way."
+    from defai_kit.bars import DataError
+    overrides = dict(item.split("=", 1) for item in given if "=" in item)
+    if len(overrides) != len(given):
+        raise DataError(f"--api-url: expected NAME=URL, got {next(i for i in given if '=' not in i)!r}")
+    return overrides
+
 @data_app.command("fetch")
 def data_fetch(
     exchange: str = typer.Option(..., help="ccxt exchange id, e.g. binance"),
@@ -111,15 +122,13 @@ def data_fetch(
     timeframe: str = typer.Option("1h", help="Bar timeframe, e.g. 1m, 1h, 1d"),
     since: str = typer.Option(..., help="Fetch bars from this UTC time (e.g. 2024-01-01); resumes after the newest stored bar"),
     until: str | None = typer.Option(None, help="Stop before this UTC time (default: now)"),
-    api_url: list[str] = typer.Option([], "--api-url", help="Override one of the exchange's API URLs, NAME=URL (testnets, proxies)"),
+    api_url: list[str] = typer.Option([], "--api-url", help=API_URL_HELP),
 ) -> None:
     "Fetch bars from an exchange through ccxt into the bar store: paginated, rate-limited, retried, resumable."
     from defai_kit.bar_store import open_bar_store
     from defai_kit.bars import DataError
     from defai_kit.fetch import fetch_into_store, make_exchange
-    overrides = dict(item.split("=", 1) for item in api_url if "=" in item)
-    if len(overrides) != len(api_url):
-        raise DataError(f"--api-url: expected NAME=URL, got {next(i for i in api_url if '=' not in i)!r}")
+    overrides = _api_urls(api_url)
     settings = _settings()
     client = make_exchange(exchange, api_urls=overrides or None)
     report = fetch_into_store(open_bar_store(settings), exchange, symbol, timeframe, since, until, exchange=client)
@@ -540,24 +549,39 @@ def agent_delete(agent_id: str = typer.Argument(..., help="The agent's id")) -> 
     record = _agent_store().delete(agent_id)
     typer.echo(f"agent {agent_id}: {record.state} (version {record.version})")
 
+FETCH_HELP = "Before each tick, fetch the agent's newest closed bars from its exchange into the bar store (ccxt)"
+
+def _fetcher(fetch: bool, api_url: list[str]) -> Any:
+    "A `BarFetcher` when `--fetch` is given; `--api-url` without it is a mistake."
+    from defai_kit.agents import BarFetcher
+    if api_url and not fetch:
+        raise CommandLineError("--api-url: only used with --fetch")
+    return BarFetcher(_api_urls(api_url)) if fetch else None
+
 @agent_app.command("tick")
-def agent_tick(agent_id: str = typer.Argument(..., help="The agent's id")) -> None:
+def agent_tick(agent_id: str = typer.Argument(..., help="The agent's id"),
+               fetch: bool = typer.Option(False, "--fetch", help=FETCH_HELP),
+               api_url: list[str] = typer.Option([], "--api-url", help=API_URL_HELP)) -> None:
     "Tick a running agent once now: newest closed bars -> signals -> intents; skipped when another runner has it."
     from defai_kit.agents import tick_agent
+    fetcher = _fetcher(fetch, api_url)
     agents = _agent_store()
-    for line in tick_agent(agent_id, settings=agents.settings, engine=agents.engine).lines():
+    for line in tick_agent(agent_id, settings=agents.settings, engine=agents.engine, fetch=fetcher).lines():
         typer.echo(line)
 
 @agent_app.command("run")
 def agent_run(agent_ids: list[str] = typer.Argument(None, help="Only these agents (default: every running one)"),
               once: bool = typer.Option(False, "--once", help="Tick each running agent once, then exit"),
-              max_ticks: int | None = typer.Option(None, help="Exit after this many ticks")) -> None:
+              max_ticks: int | None = typer.Option(None, help="Exit after this many ticks"),
+              fetch: bool = typer.Option(False, "--fetch", help=FETCH_HELP),
+              api_url: list[str] = typer.Option([], "--api-url", help=API_URL_HELP)) -> None:
     "Tick the running agents at each boundary of their schedule, until interrupted (or --once)."
     from defai_kit.agents import run_agents
+    fetcher = _fetcher(fetch, api_url)
     agents = _agent_store()
     try:
         run_agents(agents.settings, agent_ids or (), once=once, max_ticks=max_ticks, engine=agents.engine,
-                   echo=typer.echo)
+                   echo=typer.echo, fetch=fetcher)
     except KeyboardInterrupt:
         typer.echo("stopped")
 

@@ -10,6 +10,8 @@ import time
 from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import sqlalchemy as sa
 
 from defai_kit.agents import (AGENT_TICKS, AgentConfig, AgentStore, LiveTradingRefused, agent_positions, bars_hash,
@@ -20,6 +22,7 @@ from defai_kit.ledger import compare_read_models
 from defai_kit.settings import Settings
 from defai_kit.store import EventStore, open_store, upgrade_database
 from defai_kit.strategy import signals
+from binance_server import BinanceServer
 
 BTC = read_bars(find_data_dir() / "binance_spot_1h_2021-2023/BTCUSDT_1h.csv").frame
 DEFAI = Path(sys.executable).parent / "defai"
@@ -59,14 +62,15 @@ def race(agent_ids: tuple[str, str], env: dict[str, str], folder: Path) -> list[
     return [subprocess.CompletedProcess(r.args, r.wait(timeout=60), *r.communicate()) for r in runners]
 
 
-def running_agents(database_url: str, kit_env: dict[str, str], *agent_ids: str):
-    "A store with BTC bars up to an entry bar and an ma_cross agent running under each id; settings, engine, bar."
+def running_agents(database_url: str, kit_env: dict[str, str], *agent_ids: str, bars: bool = True):
+    "A store (with BTC bars up to an entry bar) and an ma_cross agent running under each id; settings, engine, bar."
     kit_env["DEFAI_DATABASE_URL"] = database_url
     settings = Settings(_env_file=None, home=kit_env["DEFAI_HOME"], database_url=database_url)
     engine = open_store(database_url)
     upgrade_database(engine)
     bar = entry_bar()
-    open_bar_store(settings, engine).upsert("binance", "BTC/USDT", "1h", BTC.iloc[bar - 400: bar + 1])
+    if bars:
+        open_bar_store(settings, engine).upsert("binance", "BTC/USDT", "1h", BTC.iloc[bar - 400: bar + 1])
     agents = AgentStore(engine, settings)
     for agent_id in agent_ids:
         agents.create(AgentConfig.of(agent_id=agent_id, strategy="ma_cross", params={"fast": 12, "slow": 48},
@@ -176,4 +180,34 @@ def test_a_bar_slot_is_claimed_once(database_url):
     assert _insert_tick(engine, row("t5", "ticked", agent="b"))       # another agent's slot
     with engine.connect() as connection:
         assert connection.execute(sa.select(sa.func.count()).select_from(AGENT_TICKS)).scalar_one() == 4
+    engine.dispose()
+
+
+def test_the_runner_fetches_the_newest_bars_then_trades(database_url, kit_env):
+    """`defai agent run --once --fetch` on a store with no bars at all. Exchanges cannot be reached from here, so the
+    agent's exchange (binance) is a local server on 127.0.0.1 answering in Binance's REST format, serving the real
+    BTC/USDT hours up to an entry bar, moved in time to end at the last hour that has closed. The runner fetches them
+    through ccxt, ticks the newest and enters; the stored bars equal the served ones, value for value."""
+    settings, engine, bar = running_agents(database_url, kit_env, "fetch-btc", bars=False)
+    last_closed = pd.Timestamp.now(tz="UTC").floor("h") - pd.Timedelta(hours=1)
+    served = BTC.iloc[max(bar - 799, 0): bar + 1].copy()
+    served.index = served.index + (last_closed - served.index[-1])
+    with BinanceServer({"BTCUSDT": served}) as server:
+        urls = [f"--api-url={name}={url}" for name, url in server.api_urls.items()]
+        result = subprocess.run([str(DEFAI), "agent", "run", "--once", "--fetch", *urls], env=kit_env,
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "fetch-btc: ticked the bar of" in result.stdout, result.stdout
+
+    stored = open_bar_store(settings, engine).load("binance", "BTC/USDT", "1h")
+    span = last_closed - stored.index[0]                                   # twice the lookback, back from now
+    assert stored.index[-1] == last_closed and pd.Timedelta(hours=300) <= span < pd.Timedelta(hours=600), span
+    assert stored.index.equals(served.loc[stored.index[0]:].index)          # every served hour since, none missing
+    columns = ["open", "high", "low", "close", "volume"]
+    assert np.array_equal(stored[columns].to_numpy(), served.loc[stored.index, columns].to_numpy())
+    tick = AgentStore(engine, settings).ticks("fetch-btc")[0]
+    assert (tick["outcome"], pd.Timestamp(tick["bar_time"])) == ("ticked", last_closed)
+    assert tick["data_hash"] == bars_hash({"BTC/USDT": served.iloc[-300:]})   # it decided on the served bars
+    assert [decision["action"] for decision in tick["decisions"]] == ["enter"]
+    assert [intent["state"] for intent in tick["intents"]] == ["completed"]
     engine.dispose()
