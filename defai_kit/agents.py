@@ -36,14 +36,14 @@ from .events import EventEnvelope, new_event_id
 from .execution import Difference, ExecutionEngine
 from .intents import Intent
 from .ledger import Ledger
-
-if TYPE_CHECKING:
-    from defai_kit.fetch import FetchReport
 from .risk import RiskEngine, RiskError, RiskLimits
 from .settings import DefaiError, Settings
 from .store import EventStore, StoreError, as_utc, open_store, upgrade_database
 from .strategy import SIGNAL_COLUMNS, Strategy, StrategyError, _signal_block, populate, strategy_class
 from .venues import IMPACT_CAP, QUANTITY_STEP, SYMBOL_PATTERN, PaperVenue
+
+if TYPE_CHECKING:
+    from defai_kit.fetch import FetchReport
 
 # %% auto #0
 __all__ = ['AGENT_VENUES', 'ID_PATTERN', 'HASHED_COLUMNS', 'PREDICTION_COLUMNS', 'Action', 'REPLAY_TRADE_COLUMNS', 'AGENTS',
@@ -1195,7 +1195,7 @@ class BarFetcher:
     "Fetches an agent's newest closed bars into the bar store before its tick, through ccxt."
 
     def __init__(self, api_urls: Mapping[str, str] | None = None, *, max_retries: int = 5, retry_delay: float = 1.0):
-        self.api_urls, self.max_retries, self.retry_delay = dict(api_urls or {}), max_retries, retry_delay
+        self.api_urls, self.max_retries, self.retry_delay = dict(api_urls) if api_urls else None, max_retries, retry_delay
         self.exchanges: dict[str, Any] = {}                  # one ccxt client per exchange id, its markets loaded once
 
     def __call__(self, config: AgentConfig, store: BarStore, now: datetime) -> list[FetchReport]:
@@ -1203,7 +1203,7 @@ class BarFetcher:
         from defai_kit.fetch import fetch_into_store, make_exchange   # ccxt loads only when fetching
         exchange = self.exchanges.get(config.exchange)
         if exchange is None:
-            exchange = self.exchanges[config.exchange] = make_exchange(config.exchange, api_urls=self.api_urls or None)
+            exchange = self.exchanges[config.exchange] = make_exchange(config.exchange, api_urls=self.api_urls)
         now = pd.Timestamp(now)
         since = now - 2 * config.lookback * timeframe_delta(config.timeframe)
         return [fetch_into_store(store, config.exchange, symbol, config.timeframe, since, now, exchange=exchange,

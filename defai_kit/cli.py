@@ -126,7 +126,6 @@ def data_fetch(
 ) -> None:
     "Fetch bars from an exchange through ccxt into the bar store: paginated, rate-limited, retried, resumable."
     from defai_kit.bar_store import open_bar_store
-    from defai_kit.bars import DataError
     from defai_kit.fetch import fetch_into_store, make_exchange
     overrides = _api_urls(api_url)
     settings = _settings()
