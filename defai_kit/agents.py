@@ -52,8 +52,8 @@ __all__ = ['AGENT_VENUES', 'ID_PATTERN', 'HASHED_COLUMNS', 'PREDICTION_COLUMNS',
            'TickDecision', 'latest_signals', 'resolve_signal', 'entry_quantity', 'decide', 'AgentReplay', 'tick_event',
            'replay_agent_async', 'replay_agent', 'BacktestAgreement', 'compare_to_backtest', 'paper_journal',
            'AgentRecord', 'agent_positions', 'agent_trades', 'agent_account', 'AgentStore', 'runner_name', 'TickResult',
-           'claim_lease', 'release_lease', 'latest_bars', 'tick_agent', 'reconcile_agent', 'agent_marks',
-           'agent_report', 'describe_agent', 'describe_agents', 'BarFetcher', 'run_agents']
+           'claim_lease', 'release_lease', 'latest_bars', 'tick_agent', 'reconcile_agent', 'rearm_agent', 'agent_risk',
+           'agent_marks', 'agent_report', 'describe_agent', 'describe_agents', 'BarFetcher', 'run_agents']
 
 # %% ../nbs/37_agents.ipynb #25d13994
 class AgentError(DefaiError):
@@ -249,6 +249,11 @@ class AgentConfig(BaseModel):
                                  impact_coefficient=float(self.impact_coefficient), sizing=self.sizing,
                                  notional=float(self.notional) if self.notional is not None else None,
                                  fraction=float(self.fraction))
+
+    @property
+    def account(self) -> str:
+        "The agent's own account at its venue, as the ledger and risk name it: `paper:<agent id>`."
+        return f"{self.venue}:{self.agent_id}"
 
     def paper_venue(self, journal: Path | None = None) -> PaperVenue:
         "The agent's paper account: its initial cash and costs, kept in `journal` (a replay keeps it in memory)."
@@ -450,7 +455,7 @@ def decide(config: AgentConfig, strategy: Strategy, bars: Mapping[str, pd.DataFr
             quantity = position
         if action != "hold":
             side = "buy" if action == "enter" else "sell"
-            intent = Intent.of(agent_id=config.agent_id, venue=config.venue, symbol=symbol, side=side,
+            intent = Intent.of(agent_id=config.agent_id, venue=config.account, symbol=symbol, side=side,
                                quantity=quantity, max_slippage_bps=config.max_slippage_bps,
                                reduce_only=action == "exit",
                                reason=f"{tick_id} {config.agent_id}: {config.strategy} {why} on the {config.timeframe} "
@@ -550,8 +555,8 @@ async def replay_agent_async(config: AgentConfig, bars: pd.DataFrame | Mapping[s
     open_trades: dict[str, dict[str, Any]] = {}
     trades, ticks, intent_ids, events = [], [], [], EventStore(engine)
     fees = Decimal(0)
-    async with ExecutionEngine(engine, {config.venue: venue}, risk=risk) as core:
-        await core.fund(config.venue, quote, config.initial_cash)
+    async with ExecutionEngine(engine, {config.account: venue}, risk=risk) as core:
+        await core.fund(config.account, quote, config.initial_cash)
         for i in range(len(index) - 1):
             start = max(0, i + 1 - config.lookback)
             markets = {}
@@ -726,33 +731,33 @@ _INTENTS = sa.table("intents", *(sa.column(name, sa.String) for name in (
     "intent_id", "agent_id", "venue", "symbol", "side", "state", "reason", "filled_quantity", "average_price", "fees")),
     sa.column("created_at", _time))
 
-def _agent_intents(engine: Engine, agent_id: str, venue: str) -> list[Mapping[str, Any]]:
-    query = (sa.select(_INTENTS).where(_INTENTS.c.agent_id == agent_id, _INTENTS.c.venue == venue)
+def _agent_intents(engine: Engine, agent_id: str, account: str) -> list[Mapping[str, Any]]:
+    query = (sa.select(_INTENTS).where(_INTENTS.c.agent_id == agent_id, _INTENTS.c.venue == account)
              .order_by(_INTENTS.c.intent_id))
     with engine.connect() as connection:
         return connection.execute(query).mappings().all()
 
-def agent_positions(engine: Engine, agent_id: str, venue: str) -> dict[str, Decimal]:
-    "What the agent holds on `venue`, per symbol: the filled quantities of its intents in the ledger."
+def agent_positions(engine: Engine, config: AgentConfig) -> dict[str, Decimal]:
+    "What the agent holds in its account, per symbol: the filled quantities of its intents in the ledger."
     held: dict[str, Decimal] = {}
-    for row in _agent_intents(engine, agent_id, venue):
+    for row in _agent_intents(engine, config.agent_id, config.account):
         signed = Decimal(row["filled_quantity"] or 0) * (1 if row["side"] == "buy" else -1)
         held[row["symbol"]] = held.get(row["symbol"], Decimal(0)) + signed
     return held
 
-def agent_trades(engine: Engine, agent_id: str, venue: str) -> list[dict[str, Any]]:
+def agent_trades(engine: Engine, config: AgentConfig) -> list[dict[str, Any]]:
     "The agent's intents from the ledger, oldest first: time, symbol, side, filled quantity, price, fees, state, reason."
     return [{"intent_id": row["intent_id"], "time": as_utc(row["created_at"]), "symbol": row["symbol"],
              "side": row["side"], "quantity": Decimal(row["filled_quantity"] or 0),
              "price": None if row["average_price"] is None else Decimal(row["average_price"]),
              "fees": Decimal(row["fees"] or 0), "state": row["state"], "reason": row["reason"]}
-            for row in _agent_intents(engine, agent_id, venue)]
+            for row in _agent_intents(engine, config.agent_id, config.account)]
 
 def agent_account(engine: Engine, config: AgentConfig, marks: Mapping[str, Decimal] | None = None) -> dict[str, Any]:
     "The agent's account from its trades in the ledger: cash, positions, fees, and equity and P&L at `marks`."
     cash, fees = config.initial_cash, Decimal(0)
     positions: dict[str, Decimal] = {}
-    trades = [trade for trade in agent_trades(engine, config.agent_id, config.venue) if trade["quantity"] > 0]
+    trades = [trade for trade in agent_trades(engine, config) if trade["quantity"] > 0]
     for trade in trades:
         signed = trade["quantity"] if trade["side"] == "buy" else -trade["quantity"]
         cash -= signed * trade["price"] + trade["fees"]
@@ -846,11 +851,11 @@ class AgentStore:
             raise AgentConflict(f"agent initial_cash={str(config.initial_cash)!r}: the paper account has traded "
                                 f"since it started with {record.config.initial_cash}; create a new agent instead",
                                 "initial_cash")
-        held = agent_positions(self.engine, agent_id, record.config.venue)
-        orphaned = [s for s, q in held.items() if q and (s not in config.symbols or config.venue != record.config.venue)]
+        held = agent_positions(self.engine, record.config)
+        orphaned = [s for s, q in held.items() if q and (s not in config.symbols or config.account != record.config.account)]
         if orphaned:
             raise AgentConflict(f"agent symbols: the agent still holds {held[orphaned[0]]} {orphaned[0]} on "
-                                f"{record.config.venue}; trade it flat before dropping it", "symbols")
+                                f"{record.config.account}; trade it flat before dropping it", "symbols")
         return self._change(record, config=config.to_json(), strategy=config.strategy, mode=config.mode)
 
     def start(self, agent_id: str, version: int | None = None) -> AgentRecord:
@@ -916,7 +921,7 @@ class TickResult:
                          f"{intent['state']}{', ' + done if done else ''}")
         return lines
 
-# %% ../nbs/37_agents.ipynb #20c66331
+# %% ../nbs/37_agents.ipynb #0bccf040
 def claim_lease(engine: Engine, agent_id: str, runner: str, seconds: float = LEASE_SECONDS) -> bool:
     "Take the running agent's lease for `seconds` unless another runner holds one that has not expired: one UPDATE."
     now = _now()
@@ -986,6 +991,12 @@ def _outcome(row: Mapping[str, Any]) -> dict[str, Any]:
 
 _LAST_LEDGERS: weakref.WeakKeyDictionary[Engine, Ledger] = weakref.WeakKeyDictionary()   # per store, this process
 
+def _agent_core(config: AgentConfig, settings: Settings, engine: Engine, venue: PaperVenue) -> ExecutionEngine:
+    "An execution engine for the agent's account alone, with its risk limits, going on from this process's last ledger."
+    risk = RiskEngine.from_settings(settings, {config.agent_id: config.risk_limits} if config.risk_limits else None)
+    return ExecutionEngine(engine, {config.account: venue}, risk=risk, live_trading=settings.live_trading,
+                           since=_LAST_LEDGERS.get(engine))   # a runner's ticks replay only what came after the last
+
 async def _send(decision: TickDecision, config: AgentConfig, settings: Settings, engine: Engine,
                 markets: Mapping[str, Market], fill_time: pd.Timestamp, submitted: list[str]) -> list[dict[str, Any]]:
     "Submit a tick's intents through an execution engine with the agent's paper account; their final rows."
@@ -994,13 +1005,11 @@ async def _send(decision: TickDecision, config: AgentConfig, settings: Settings,
     venue = config.paper_venue(journal)
     for symbol, market in markets.items():
         venue.update_market(symbol, market.price, market.quote_volume, timestamp=fill_time)
-    risk = RiskEngine.from_settings(settings, {config.agent_id: config.risk_limits} if config.risk_limits else None)
-    core = ExecutionEngine(engine, {config.venue: venue}, risk=risk, live_trading=settings.live_trading,
-                           since=_LAST_LEDGERS.get(engine))   # a runner's ticks replay only what came after the last
+    core = _agent_core(config, settings, engine, venue)
     async with core:
         _LAST_LEDGERS[engine] = core.ledger           # the next tick goes on from it, once it is closed
         if new_account:
-            await core.fund(config.venue, config.quote_asset, config.initial_cash)
+            await core.fund(config.account, config.quote_asset, config.initial_cash)
         for symbol, market in markets.items():
             core.update_mark(symbol, market.price)
         for intent in decision.intents:
@@ -1074,7 +1083,7 @@ def _tick_leased(config: AgentConfig, base: dict[str, Any], settings: Settings, 
         close, volume = frame["close"].iloc[-1], frame["volume"].iloc[-1]
         markets[symbol] = Market(_decimal(close), _decimal(close * volume) if np.isfinite(close * volume) else None)
     try:
-        positions = agent_positions(engine, agent_id, config.venue)
+        positions = agent_positions(engine, config)
         decision = decide(config, config.make_strategy(), frames, positions, markets,
                           cash=_cash(settings, config), tick_id=tick_id)
     except Exception as error:               # a strategy's own bug too: audited, then raised
@@ -1118,10 +1127,36 @@ def reconcile_agent(settings: Settings, engine: Engine, config: AgentConfig) -> 
     for symbol, quantity in account["positions"].items():
         base = symbol.split("/")[0]
         ledger[base] = ledger.get(base, Decimal(0)) + quantity
-    return [Difference(config.venue, "balance" if asset == config.quote_asset else "position", asset,
+    return [Difference(config.account, "balance" if asset == config.quote_asset else "position", asset,
                        ledger.get(asset, Decimal(0)), reported.get(asset, Decimal(0)))
             for asset in sorted(ledger.keys() | reported.keys())
             if ledger.get(asset, Decimal(0)) != reported.get(asset, Decimal(0))]
+
+# %% ../nbs/37_agents.ipynb #e64c7cb4
+def rearm_agent(agent_id: str, reason: str, by: str, *, settings: Settings | None = None,
+                engine: Engine | None = None) -> EventEnvelope:
+    "Let a halted or reducing agent trade again: `risk.rearmed`, naming `by` and `reason`; its stored event."
+    settings = settings if settings is not None else Settings()
+    engine = engine if engine is not None else open_store(settings.store_url)
+    config = AgentStore(engine, settings).get(agent_id).config      # AgentNotFound for an unknown agent
+    journal = paper_journal(settings, config)
+    async def write() -> EventEnvelope:
+        async with _agent_core(config, settings, engine, config.paper_venue(journal if journal.exists() else None)) as core:
+            _LAST_LEDGERS[engine] = core.ledger
+            return await core.rearm(agent_id, by=by, reason=reason)
+    return run_sync(write())
+
+def agent_risk(engine: Engine, config: AgentConfig) -> dict[str, Any]:
+    "What risk remembers of the agent now (`state`, and why when not active): its newest decision's, or a later re-arm's."
+    with engine.connect() as connection:
+        newest = connection.execute(sa.select(_INTENTS.c.intent_id).where(
+            _INTENTS.c.agent_id == config.agent_id, _INTENTS.c.venue == config.account)
+            .order_by(_INTENTS.c.intent_id.desc()).limit(1)).scalar()
+    store = EventStore(engine)
+    decided = [e for e in store.read(correlation_id=newest) if e.topic in ("risk.approved", "risk.rejected")] if newest else []
+    rearmed = [e for e in store.read(topic="risk.rearmed") if e.payload.get("agent_id") == config.agent_id]
+    latest = max(decided[-1:] + rearmed[-1:], key=lambda event: event.event_id, default=None)
+    return dict((latest.payload.get("memory") if latest is not None else None) or {"state": "active"})
 
 # %% ../nbs/37_agents.ipynb #647cd32e
 def agent_marks(settings: Settings, engine: Engine, config: AgentConfig) -> dict[str, Decimal]:
@@ -1146,7 +1181,8 @@ def agent_report(agents: AgentStore, agent_id: str, ticks: int = 5) -> dict[str,
     record = agents.get(agent_id)
     marks = agent_marks(agents.settings, agents.engine, record.config)
     account = agent_account(agents.engine, record.config, marks)
-    return {**record.summary(), "account": _text({**account, "marks": marks}), "ticks": agents.ticks(agent_id, ticks)}
+    return {**record.summary(), "account": _text({**account, "marks": marks}),
+            "risk": agent_risk(agents.engine, record.config), "ticks": agents.ticks(agent_id, ticks)}
 
 def _money(value: str | Decimal, places: int = 2) -> str:
     return f"{Decimal(value):,.{places}f}"
@@ -1161,7 +1197,7 @@ def describe_agent(report: Mapping[str, Any]) -> list[str]:
              f"{report['created_at'][:16].replace('T', ' ')}, updated {report['updated_at'][:16].replace('T', ' ')})",
              f"  strategy {config.strategy}({params}) on {config.exchange} {', '.join(config.symbols)} {config.timeframe}, "
              f"{config.lookback} bars seen, a tick every {config.schedule or config.timeframe} + {config.tick_delay_seconds:g} s",
-             f"  venue {config.venue}: {config.sizing} {size}, fee {config.fee_bps} bp, slippage {config.slippage_bps} bp, "
+             f"  account {config.account}: {config.sizing} {size}, fee {config.fee_bps} bp, slippage {config.slippage_bps} bp, "
              f"impact {config.impact_coefficient}, max slippage {config.max_slippage_bps} bp",
              "  risk limits: " + (", ".join(f"{k}={v}" for k, v in config.risk_limits.items()) or "none of its own")]
     held = ", ".join(f"{q} {s.split('/')[0]}" + (f" (at {_money(account['marks'][s])})" if s in account["marks"] else "")
@@ -1169,6 +1205,11 @@ def describe_agent(report: Mapping[str, Any]) -> list[str]:
     worth = (f", equity {_money(account['equity'])}, P&L {Decimal(account['pnl']):+,.2f}" if "equity" in account else "")
     lines.append(f"  account: cash {_money(account['cash'])} {config.quote_asset}, {held}{worth}, fees "
                  f"{_money(account['fees'])}, {account['trades']} fills")
+    risk = report["risk"]
+    why = (risk["halt"]["message"] if risk["state"] == "halted" and risk.get("halt")
+           else "; ".join(filter(None, (risk.get("loss_cause"), risk.get("reducing_cause")))))
+    lines.append(f"  risk: {risk['state']}" + (f" ({why}); `defai agent rearm {config.agent_id}` when a person has "
+                                               "checked" if risk["state"] == "halted" else f" ({why})" if why else ""))
     if report.get("locked_by"):
         lines.append(f"  being ticked by {report['locked_by']} (lease until {report['locked_until'][:19]})")
     for tick in report["ticks"]:

@@ -13,19 +13,19 @@ from typing import Any, Callable
 from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Engine
 from starlette.exceptions import HTTPException
 
 import defai_kit
 from .agents import (AgentConfig, AgentConflict, AgentError, AgentNotFound, AgentStore,
-                              LiveTradingRefused, agent_report)
+                              LiveTradingRefused, agent_report, rearm_agent)
 from .runs import RunError, RunStore
 from .settings import Settings, SettingsError
 from .store import EventStore, StoreError, database_state, open_store
 
 # %% auto #0
-__all__ = ['ErrorBody', 'ErrorResponse', 'error_response', 'EventOut', 'create_app', 'agent_routes']
+__all__ = ['ErrorBody', 'ErrorResponse', 'error_response', 'EventOut', 'create_app', 'Rearm', 'agent_routes']
 
 # %% ../nbs/80_api.ipynb #30600eaf
 class ErrorBody(BaseModel):
@@ -152,8 +152,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 _AGENT_ERRORS = ((AgentNotFound, 404, "not_found"), (AgentConflict, 409, "conflict"),
                  (LiveTradingRefused, 403, "forbidden"))
 
+class Rearm(BaseModel):
+    "Who re-arms an agent and why: both kept in the `risk.rearmed` event."
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=500, pattern=r"\S")
+    by: str = Field(min_length=1, max_length=200, pattern=r"\S")
+
 def agent_routes(app: FastAPI, store_engine: Callable[[], Engine], settings: Settings, secured: list) -> None:
-    "Add the `/v1/agents` routes: list, create, read, update, start, stop, delete, and the audit of ticks."
+    "Add the `/v1/agents` routes: list, create, read, update, start, stop, re-arm, delete, and the audit of ticks."
 
     @app.exception_handler(AgentError)
     async def _agent_error(request: Request, exc: AgentError) -> JSONResponse:
@@ -193,6 +199,12 @@ def agent_routes(app: FastAPI, store_engine: Callable[[], Engine], settings: Set
     def stop_agent(agent_id: str, version: int | None = Query(None, ge=1)) -> dict[str, Any]:
         "Stop ticking the agent."
         return agents().stop(agent_id, version).summary()
+
+    @app.post("/v1/agents/{agent_id}/rearm", dependencies=secured, response_model=EventOut)
+    def rearm(agent_id: str, body: Rearm) -> dict[str, Any]:
+        "Let an agent that risk halted, or holds to reducing, trade again; the stored `risk.rearmed` event."
+        event = rearm_agent(agent_id, body.reason, body.by, settings=settings, engine=store_engine())
+        return {**event.model_dump(), "timestamp": event.timestamp.isoformat()}
 
     @app.delete("/v1/agents/{agent_id}", dependencies=secured)
     def delete_agent(agent_id: str, version: int | None = Query(None, ge=1)) -> dict[str, Any]:

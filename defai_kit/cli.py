@@ -24,8 +24,8 @@ __all__ = ['app', 'db_app', 'settings_app', 'api_app', 'data_app', 'API_URL_HELP
            'data_import', 'data_fetch', 'data_list', 'settings_show', 'settings_example_command', 'api_serve',
            'CommandLineError', 'strategies', 'backtest', 'walk_forward_command', 'runs_list', 'runs_show',
            'runs_compare', 'replay', 'paper_venues', 'run_worker', 'worker', 'agent_create', 'agent_list', 'agent_show',
-           'agent_update', 'agent_start', 'agent_stop', 'agent_delete', 'agent_tick', 'agent_run', 'reconcile', 'run',
-           'main']
+           'agent_update', 'agent_start', 'agent_stop', 'agent_rearm', 'agent_delete', 'agent_tick', 'agent_run',
+           'reconcile', 'run', 'main']
 
 # %% ../nbs/90_cli.ipynb #23c5dbcd
 app = typer.Typer(help="defai-kit: research, backtest and trade crypto and DeFi, from notebooks to production.",
@@ -542,6 +542,18 @@ def agent_stop(agent_id: str = typer.Argument(..., help="The agent's id")) -> No
     record = _agent_store().stop(agent_id)
     typer.echo(f"agent {agent_id}: {record.state} (version {record.version})")
 
+@agent_app.command("rearm")
+def agent_rearm(agent_id: str = typer.Argument(..., help="The agent's id"),
+                reason: str = typer.Option(..., help="Why it may trade again (kept in the risk.rearmed event)"),
+                by: str | None = typer.Option(None, help="Who re-arms it (default: your user name at this host)")) -> None:
+    "Let an agent that risk halted, or holds to reducing, trade again: measured afresh from its next check."
+    import getpass, socket
+    from defai_kit.agents import rearm_agent
+    agents = _agent_store()
+    event = rearm_agent(agent_id, reason, by or f"{getpass.getuser()}@{socket.gethostname()}",
+                        settings=agents.settings, engine=agents.engine)
+    typer.echo(f"agent {agent_id}: re-armed by {event.payload['by']} (event {event.event_id})")
+
 @agent_app.command("delete")
 def agent_delete(agent_id: str = typer.Argument(..., help="The agent's id")) -> None:
     "Retire a stopped agent; its id stays taken, because the ledger keeps its trades under it."
@@ -598,7 +610,7 @@ def reconcile(agent_ids: list[str] = typer.Argument(None, help="Only these agent
         for difference in found:
             typer.echo(f"{record.agent_id}: {difference}")
         if not found:
-            typer.echo(f"{record.agent_id}: the ledger and the {record.config.venue} account agree")
+            typer.echo(f"{record.agent_id}: the ledger and the {record.config.account} account agree")
     if differences:
         typer.echo(f"{differences} differences between the ledger and the venues", err=True)
         raise typer.Exit(1)

@@ -67,6 +67,7 @@ TOPICS: dict[str, str] = {
     "intent.accepted": "an intent passed risk and may be planned",
     "risk.approved": "the risk engine approved an intent",
     "risk.rejected": "the risk engine denied an intent, with a reason code",
+    "risk.rearmed": "a person re-armed a halted or reducing agent: risk measures it again from its next check",
     "plan.created": "the planner turned an intent into steps",
     "plan.rejected": "the planner could not plan an intent",
     "exec.started": "the orchestrator began executing a plan",

@@ -59,7 +59,7 @@ class Intent(SymbolParts, BaseModel):
 
     intent_id: str = Field(default_factory=new_intent_id, pattern=r"^intent-[0-9A-HJKMNP-TV-Z]{26}$")
     agent_id: str = Field("manual", min_length=1, max_length=64)
-    venue: str = Field("paper", min_length=1, max_length=64)
+    venue: str = Field("paper", min_length=1, max_length=128)
     symbol: str = Field(pattern=r"^[A-Za-z0-9]+/[A-Za-z0-9]+$")
     side: Side
     quantity: Decimal = Field(gt=0)

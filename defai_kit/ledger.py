@@ -58,30 +58,30 @@ def _table(name: str, *columns: sa.Column) -> sa.Table:
     return sa.Table(name, _metadata, *columns)
 
 INTENTS = _table("intents", sa.Column("intent_id", sa.String(40), primary_key=True), sa.Column("agent_id", sa.String(64)),
-    sa.Column("venue", sa.String(64)), sa.Column("symbol", sa.String(32)), sa.Column("side", sa.String(4)),
+    sa.Column("venue", sa.String(128)), sa.Column("symbol", sa.String(32)), sa.Column("side", sa.String(4)),
     sa.Column("quantity", _amount), sa.Column("state", sa.String(16)), sa.Column("reason_code", sa.String(32)),
     sa.Column("reason", sa.String(500)), sa.Column("filled_quantity", _amount), sa.Column("average_price", _amount),
     sa.Column("fees", _amount), sa.Column("created_at", _time), sa.Column("updated_at", _time),
     sa.Column("last_event_id", sa.String(26)), sa.Column("intent", _json))
-PLANS = _table("plans", sa.Column("intent_id", sa.String(40), primary_key=True), sa.Column("venue", sa.String(64)),
+PLANS = _table("plans", sa.Column("intent_id", sa.String(40), primary_key=True), sa.Column("venue", sa.String(128)),
     sa.Column("plan_type", sa.String(16)), sa.Column("state", sa.String(16)), sa.Column("mark", _amount),
     sa.Column("expected_price", _amount), sa.Column("limit_price", _amount), sa.Column("estimated_cost", _amount),
     sa.Column("steps_total", sa.Integer), sa.Column("steps_done", sa.Integer), sa.Column("steps", _json),
     sa.Column("created_at", _time), sa.Column("updated_at", _time))
 ORDERS = _table("orders", sa.Column("client_order_id", sa.String(64), primary_key=True),
-    sa.Column("intent_id", sa.String(40)), sa.Column("venue", sa.String(64)), sa.Column("symbol", sa.String(32)),
+    sa.Column("intent_id", sa.String(40)), sa.Column("venue", sa.String(128)), sa.Column("symbol", sa.String(32)),
     sa.Column("side", sa.String(4)), sa.Column("quantity", _amount), sa.Column("limit_price", _amount),
     sa.Column("filled_quantity", _amount), sa.Column("average_price", _amount), sa.Column("fees", _amount),
     sa.Column("state", sa.String(20)), sa.Column("venue_order_id", sa.String(64)), sa.Column("submitted_at", _time),
     sa.Column("updated_at", _time))
-FILLS = _table("fills", sa.Column("venue", sa.String(64), primary_key=True),
+FILLS = _table("fills", sa.Column("venue", sa.String(128), primary_key=True),
     sa.Column("fill_id", sa.String(64), primary_key=True), sa.Column("client_order_id", sa.String(64)),
     sa.Column("intent_id", sa.String(40)), sa.Column("symbol", sa.String(32)), sa.Column("side", sa.String(4)),
     sa.Column("quantity", _amount), sa.Column("price", _amount), sa.Column("fee", _amount),
     sa.Column("fee_asset", sa.String(16)), sa.Column("filled_at", _time), sa.Column("event_id", sa.String(26)))
-BALANCES = _table("balances", sa.Column("venue", sa.String(64), primary_key=True),
+BALANCES = _table("balances", sa.Column("venue", sa.String(128), primary_key=True),
     sa.Column("asset", sa.String(16), primary_key=True), sa.Column("amount", _amount), sa.Column("updated_at", _time))
-POSITIONS = _table("positions", sa.Column("venue", sa.String(64), primary_key=True),
+POSITIONS = _table("positions", sa.Column("venue", sa.String(128), primary_key=True),
     sa.Column("symbol", sa.String(32), primary_key=True), sa.Column("quantity", _amount),
     sa.Column("average_cost", _amount), sa.Column("realized_pnl", _amount), sa.Column("fifo_realized_pnl", _amount),
     sa.Column("fees", _amount), sa.Column("lots", _json), sa.Column("updated_at", _time))
@@ -90,7 +90,7 @@ READ_MODELS: dict[str, sa.Table] = {t.name: t for t in (INTENTS, PLANS, ORDERS, 
 LEDGER_TOPICS = ("intent.>", "risk.>", "plan.>", "exec.>", "account.>")
 LEDGER_SUBSCRIPTIONS = {pattern: f"ledger:{pattern}" for pattern in LEDGER_TOPICS}   # durable names over NATS
 
-# %% ../nbs/35_ledger.ipynb #4c3c92ac
+# %% ../nbs/35_ledger.ipynb #58e780b9
 def _text(value: Decimal | None) -> str | None:
     return None if value is None else str(value)
 
@@ -107,6 +107,7 @@ _HANDLERS = {topic: "_" + topic.replace(".", "_") for topic in TRANSITIONS}   # 
 _MOVES = {topic: {None if state is None else state.value: to.value for state, to in moves.items()}
           for topic, moves in TRANSITIONS.items()}                           # the state machine, in plain strings
 _NO_MOVES: dict = {}
+_STANDALONE = {"account.deposited": "_account", "risk.rearmed": "_risk_rearmed"}   # topics outside any journey
 
 class ReadModels:
     "The ledger's models in memory, changed only by `apply`."
@@ -120,6 +121,8 @@ class ReadModels:
         self.balance_times: dict[tuple[str, str], datetime] = {}
         self.position_times: dict[tuple[str, str], datetime] = {}
         self.journeys: dict[str, _Journey] = {}
+        self.risk_memory: dict[str, dict[str, Any]] = {}   # agent id -> what risk remembered at its newest decision
+        self.risk_accounts: dict[str, dict[str, str]] = {}  # venue -> day, equity, peak and day start at its newest
         self.dirty: dict[str, set] = {name: set() for name in READ_MODELS}
         self.counts = dict(applied=0, parked=0, refused=0)
         self.refusals: list[tuple[str, str, str]] = []    # (event_id, topic, why), the most recent few
@@ -130,9 +133,12 @@ class ReadModels:
     def apply(self, event: EventEnvelope) -> list[EventEnvelope]:
         "Apply `event` (and any events parked waiting for it); returns the events applied, in order."
         topic, correlation_id = event.topic, event.correlation_id
-        if topic.startswith("account."):
-            self._account(event)
+        if topic in _STANDALONE:
+            if not getattr(self, _STANDALONE[topic])(event):
+                return []
             self.counts["applied"] += 1
+            for observer in self.observers:
+                observer(event)
             return [event]
         journey = self.journeys.get(correlation_id)
         if topic != "intent.submitted" and (journey is None or event.causation_id not in journey.applied):
@@ -195,7 +201,7 @@ class ReadModels:
         self.counts["applied"] += 1
         return True
 
-# %% ../nbs/35_ledger.ipynb #83f2cd0a
+# %% ../nbs/35_ledger.ipynb #8fed701e
 @patch
 def _intent_submitted(self: ReadModels, event: EventEnvelope, row: dict | None) -> None:
     intent = event.payload
@@ -209,10 +215,19 @@ def _intent_submitted(self: ReadModels, event: EventEnvelope, row: dict | None) 
 
 @patch
 def _risk_approved(self: ReadModels, event: EventEnvelope, row: dict) -> None:
-    pass
+    self._remember_risk(event, row)
+
+@patch
+def _remember_risk(self: ReadModels, event: EventEnvelope, row: dict) -> None:
+    "Keep what risk remembered of the agent, and the account it measured, at this decision: the next engine's start."
+    if (memory := event.payload.get("memory")) is not None:
+        self.risk_memory[row["agent_id"]] = memory
+    if (account := event.payload.get("account")) is not None:
+        self.risk_accounts[row["venue"]] = account
 
 @patch
 def _risk_rejected(self: ReadModels, event: EventEnvelope, row: dict) -> None:
+    self._remember_risk(event, row)
     denial = event.payload.get("denial") or {}
     row.update(reason_code=str(denial.get("reason", "risk")), reason=str(denial.get("message", ""))[:500])
 
@@ -321,11 +336,22 @@ def _exec_failed(self: ReadModels, event: EventEnvelope, row: dict) -> None:
         self.dirty["orders"].add(step_id)
 
 @patch
-def _account(self: ReadModels, event: EventEnvelope) -> None:
+def _account(self: ReadModels, event: EventEnvelope) -> bool:
     venue, asset = event.payload["venue"], event.payload["asset"]
     self.portfolio.deposit(venue, asset, amount(event.payload["amount"], "deposit.amount"))
     self.balance_times[(venue, asset)] = event.timestamp
     self.dirty["balances"].add((venue, asset))
+    return True
+
+@patch
+def _risk_rearmed(self: ReadModels, event: EventEnvelope) -> bool:
+    "A person re-armed an agent: risk takes up the memory the event carries (ACTIVE, measured again)."
+    agent_id, memory = event.payload.get("agent_id"), event.payload.get("memory")
+    if not isinstance(agent_id, str) or not isinstance(memory, dict):
+        self._refuse(event, "risk.rearmed needs an agent_id and the memory risk takes up")
+        return False
+    self.risk_memory[agent_id] = memory
+    return True
 
 # %% ../nbs/35_ledger.ipynb #9501a43e
 def _stored(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from defai_kit.agents import (AGENT_TICKS, AgentConfig, AgentStore, LiveTradingRefused, agent_positions, bars_hash,
-                              paper_journal, tick_agent)
+from defai_kit.agents import (AGENT_TICKS, AgentConfig, AgentStore, LiveTradingRefused, agent_account,
+                              agent_positions, bars_hash, paper_journal, tick_agent)
 from defai_kit.bar_store import open_bar_store
 from defai_kit.formats import find_data_dir, read_bars
 from defai_kit.ledger import compare_read_models
@@ -102,7 +102,7 @@ def test_two_runner_processes_trade_a_bar_once(database_url, kit_env, tmp_path):
 
     # one buy in the ledger, priced at the bar's close: 1,000 USDT / close, to 1e-12
     bought = (Decimal(1000) / Decimal(repr(float(BTC["close"].iloc[bar])))).quantize(Decimal("1e-12"), ROUND_DOWN)
-    assert agent_positions(engine, "race-btc", "paper") == {"BTC/USDT": bought}
+    assert agent_positions(engine, config) == {"BTC/USDT": bought}
     assert [e.correlation_id for e in EventStore(engine).read(topic="agent.ticked")] == [ticked["tick_id"]]
     journal = paper_journal(settings, config).read_text().splitlines()
     assert sum('"kind":"order"' in line for line in journal) == 1
@@ -110,19 +110,24 @@ def test_two_runner_processes_trade_a_bar_once(database_url, kit_env, tmp_path):
     # ticking again, in this process, finds the bar taken
     again = tick_agent("race-btc", settings=settings, engine=engine)
     assert (again.outcome, again.reason) == ("skipped", f"ticked already by {ticked['tick_id']} (ticked)")
-    assert agent_positions(engine, "race-btc", "paper") == {"BTC/USDT": bought}
+    assert agent_positions(engine, config) == {"BTC/USDT": bought}
 
     # the ledger's account of the agent and its paper venue's journal agree, from the command line
     reconciled = defai("reconcile", env=kit_env)
-    assert (reconciled.returncode, reconciled.stdout) == (0, "race-btc: the ledger and the paper account agree\n")
+    agreed = "race-btc: the ledger and the paper:race-btc account agree\n"
+    assert (reconciled.returncode, reconciled.stdout) == (0, agreed)
     engine.dispose()
+
+
+LONGEST_ID = "second-btc-" + "x" * 53            # 64 characters, the most an agent id may have
 
 
 def test_two_runner_processes_ticking_two_agents_share_one_ledger(database_url, kit_env, tmp_path):
     "Two agents ticked at the same moment by two processes: one ledger writes at a time (the store's writer lease),"
-    " so both trade, the ledger's numbering has no gap or clash, and a replay equals the tables."
-    _, engine, bar = running_agents(database_url, kit_env, "first-btc", "second-btc")
-    results = race(("first-btc", "second-btc"), kit_env, tmp_path)
+    " so both trade, the ledger's numbering has no gap or clash, and a replay equals the tables. Each trades its own"
+    " ledger account, `paper:<agent id>` (70 characters for the longest id: migration 0006 widened the columns)."
+    settings, engine, bar = running_agents(database_url, kit_env, "first-btc", LONGEST_ID)
+    results = race(("first-btc", LONGEST_ID), kit_env, tmp_path)
     assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
     ticked = f"ticked the bar of {BTC.index[bar]:%Y-%m-%d %H:%M}"
     assert [r.stdout.splitlines()[0].split(": ")[1] for r in results] == [ticked, ticked], [r.stdout for r in results]
@@ -131,8 +136,15 @@ def test_two_runner_processes_ticking_two_agents_share_one_ledger(database_url, 
                                                "ORDER BY sequence")).scalars().all()
     assert sequences == list(range(1, len(sequences) + 1))
     assert compare_read_models(engine) == []
-    for agent_id in ("first-btc", "second-btc"):
-        assert set(agent_positions(engine, agent_id, "paper")) == {"BTC/USDT"}
+    with engine.connect() as connection:
+        balances = connection.execute(sa.text("SELECT venue, asset, amount FROM balances")).all()
+    held = {(venue, asset): Decimal(amount) for venue, asset, amount in balances}
+    assert {venue for venue, _ in held} == {"paper:first-btc", f"paper:{LONGEST_ID}"}
+    for agent_id in ("first-btc", LONGEST_ID):
+        config = AgentStore(engine, settings).get(agent_id).config
+        account = agent_account(engine, config)                # from the agent's trades, another path
+        assert held[(config.account, "USDT")] == account["cash"] < Decimal(10_000)
+        assert {"BTC/USDT": held[(config.account, "BTC")]} == agent_positions(engine, config) == account["positions"]
     engine.dispose()
 
 

@@ -19,7 +19,7 @@ def engine(database_url):
 
 
 def test_upgrade_creates_schema_once(engine):
-    assert upgrade_database(engine) == ["0001", "0002", "0003", "0004", "0005"]
+    assert upgrade_database(engine) == ["0001", "0002", "0003", "0004", "0005", "0006"]
     assert upgrade_database(engine) == []
     tables = set(sa.inspect(engine).get_table_names())
     assert {"events", "bars", "alembic_version"} <= tables
