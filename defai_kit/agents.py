@@ -991,12 +991,6 @@ def _outcome(row: Mapping[str, Any]) -> dict[str, Any]:
 
 _LAST_LEDGERS: weakref.WeakKeyDictionary[Engine, Ledger] = weakref.WeakKeyDictionary()   # per store, this process
 
-def _agent_core(config: AgentConfig, settings: Settings, engine: Engine, venue: PaperVenue) -> ExecutionEngine:
-    "An execution engine for the agent's account alone, with its risk limits, going on from this process's last ledger."
-    risk = RiskEngine.from_settings(settings, {config.agent_id: config.risk_limits} if config.risk_limits else None)
-    return ExecutionEngine(engine, {config.account: venue}, risk=risk, live_trading=settings.live_trading,
-                           since=_LAST_LEDGERS.get(engine))   # a runner's ticks replay only what came after the last
-
 async def _send(decision: TickDecision, config: AgentConfig, settings: Settings, engine: Engine,
                 markets: Mapping[str, Market], fill_time: pd.Timestamp, submitted: list[str]) -> list[dict[str, Any]]:
     "Submit a tick's intents through an execution engine with the agent's paper account; their final rows."
@@ -1005,7 +999,9 @@ async def _send(decision: TickDecision, config: AgentConfig, settings: Settings,
     venue = config.paper_venue(journal)
     for symbol, market in markets.items():
         venue.update_market(symbol, market.price, market.quote_volume, timestamp=fill_time)
-    core = _agent_core(config, settings, engine, venue)
+    risk = RiskEngine.from_settings(settings, {config.agent_id: config.risk_limits} if config.risk_limits else None)
+    core = ExecutionEngine(engine, {config.account: venue}, risk=risk, live_trading=settings.live_trading,
+                           since=_LAST_LEDGERS.get(engine))   # a runner's ticks replay only what came after the last
     async with core:
         _LAST_LEDGERS[engine] = core.ledger           # the next tick goes on from it, once it is closed
         if new_account:
@@ -1138,10 +1134,9 @@ def rearm_agent(agent_id: str, reason: str, by: str, *, settings: Settings | Non
     "Let a halted or reducing agent trade again: `risk.rearmed`, naming `by` and `reason`; its stored event."
     settings = settings if settings is not None else Settings()
     engine = engine if engine is not None else open_store(settings.store_url)
-    config = AgentStore(engine, settings).get(agent_id).config      # AgentNotFound for an unknown agent
-    journal = paper_journal(settings, config)
-    async def write() -> EventEnvelope:
-        async with _agent_core(config, settings, engine, config.paper_venue(journal if journal.exists() else None)) as core:
+    AgentStore(engine, settings).get(agent_id)                      # AgentNotFound for an unknown agent
+    async def write() -> EventEnvelope:                             # no venue: it resumes no plan, it only writes
+        async with ExecutionEngine(engine, {}, since=_LAST_LEDGERS.get(engine)) as core:
             _LAST_LEDGERS[engine] = core.ledger
             return await core.rearm(agent_id, by=by, reason=reason)
     return run_sync(write())
@@ -1208,8 +1203,10 @@ def describe_agent(report: Mapping[str, Any]) -> list[str]:
     risk = report["risk"]
     why = (risk["halt"]["message"] if risk["state"] == "halted" and risk.get("halt")
            else "; ".join(filter(None, (risk.get("loss_cause"), risk.get("reducing_cause")))))
-    lines.append(f"  risk: {risk['state']}" + (f" ({why}); `defai agent rearm {config.agent_id}` when a person has "
-                                               "checked" if risk["state"] == "halted" else f" ({why})" if why else ""))
+    if risk["state"] == "halted":
+        lines.append(f"  risk: halted ({why}); `defai agent rearm {config.agent_id}` when a person has checked")
+    else:
+        lines.append(f"  risk: {risk['state']}" + (f" ({why})" if why else ""))
     if report.get("locked_by"):
         lines.append(f"  being ticked by {report['locked_by']} (lease until {report['locked_until'][:19]})")
     for tick in report["ticks"]:

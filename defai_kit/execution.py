@@ -464,9 +464,9 @@ async def fund(self: ExecutionEngine, venue: str, asset: str, amount: Decimal | 
 async def rearm(self: ExecutionEngine, agent_id: str, by: str, reason: str) -> EventEnvelope:
     "Re-arm a halted or reducing agent (`risk.rearmed`): risk measures it again from its next check."
     reason, by = " ".join(str(reason).split()), " ".join(str(by).split())
-    if not reason or not by:
-        raise ExecutionError(f"{'reason' if not reason else 'by'}: say {'why' if not reason else 'who'} the agent "
-                             "may trade again; it is kept in the event")
+    for field, given, ask in (("reason", reason, "why"), ("by", by, "who")):
+        if not given:
+            raise ExecutionError(f"{field}: say {ask} the agent may trade again; it is kept in the event")
     event = EventEnvelope.new("risk.rearmed", {"agent_id": agent_id, "by": by, "reason": reason,
                                                "memory": rearmed_memory()})
     await self.ledger.publish_durably(self.bus, event)
