@@ -12,7 +12,7 @@ import asyncio
 import gc
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from functools import partial
 from typing import Any, Awaitable, Callable, Mapping
@@ -70,6 +70,23 @@ class RiskStage:
         for agent_id, memory in models.risk_memory.items():
             if agent_id not in known:                       # a long-lived risk engine knows better than the store
                 self.risk.restore(agent_id, memory)
+        self._take_up_slots(models, known)
+
+    def _take_up_slots(self, models: ReadModels, known: Mapping[str, Any]) -> None:
+        "Count toward each agent's rate limit the slots earlier engines handed out within its window."
+        window = self.risk.longest_rate_window()
+        if window is None:
+            return
+        now = datetime.now(timezone.utc)
+        oldest = now - timedelta(seconds=window + 60)        # rows come in ledger order; a minute for clocks that differ
+        ages: dict[str, list[float]] = {}
+        for row in reversed(models.intents.values()):
+            if row["created_at"] < oldest:
+                break
+            if (taken := row.get("_rate_slot")) is not None and row["agent_id"] not in known:
+                ages.setdefault(row["agent_id"], []).append((now - taken).total_seconds())
+        for agent_id, agent_ages in ages.items():
+            self.risk.take_up_slots(agent_id, agent_ages)
 
     def attach(self, bus: Any) -> list[Any]:
         "Subscribe to `intent.submitted` (risk is one stage: no queue group, it must see every intent in order)."

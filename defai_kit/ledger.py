@@ -224,6 +224,8 @@ def _remember_risk(self: ReadModels, event: EventEnvelope, row: dict) -> None:
         self.risk_memory[row["agent_id"]] = memory
     if (account := event.payload.get("account")) is not None:
         self.risk_accounts[row["venue"]] = account
+    if event.payload.get("rate_counted"):
+        row["_rate_slot"] = event.timestamp              # when the intent took a slot of the agent's rate limit
 
 @patch
 def _risk_rejected(self: ReadModels, event: EventEnvelope, row: dict) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import Enum
@@ -149,6 +149,7 @@ class RiskDecision(BaseModel):
     state: TradingState
     notional: str
     memory: dict[str, Any] | None = None
+    rate_counted: bool = False      # the intent took a slot of the agent's rate limit: a later engine counts it too
 
     @property
     def topic(self) -> str:
@@ -285,6 +286,19 @@ class RiskEngine:
         "A person re-arms an agent: HALTED or REDUCING -> ACTIVE, measured again from its next check's equity."
         self._agents[agent_id] = _AgentRisk(rearm_pending=True, recent=self._agent(agent_id).recent)
 
+    def longest_rate_window(self) -> float | None:
+        "The longest `rate_window_seconds` of any rate limit in force, global or an agent's own; None without one."
+        windows = [limits.rate_window_seconds for limits in (self._limits, *self._agent_limits.values())
+                   if limits.rate_limit is not None]
+        return max(windows, default=None)
+
+    def take_up_slots(self, agent_id: str, ages: Iterable[float]) -> None:
+        "Count toward `agent_id`'s rate limit the intents an earlier engine let through it, taken `ages` seconds ago."
+        now, window = self._clock(), self.limits_for(agent_id).rate_window_seconds
+        agent = self._agent(agent_id)
+        taken = [now - max(age, 0.0) for age in ages if age < window]   # another clock a little ahead: taken now
+        agent.recent = deque(sorted([*taken, *agent.recent]))
+
     def memory(self, agent_id: str) -> dict[str, Any]:
         "What the engine remembers of `agent_id`, as JSON types (what each decision carries in `memory`)."
         return _memory(self._agents.get(agent_id) or _AgentRisk())
@@ -378,9 +392,11 @@ class RiskEngine:
                 raise RiskError(f"price: {price!r} is not a number") from None
         usable = price is not None and price.is_finite() and price > 0
         notional = intent.quantity * price if usable else None
+        self._counted = False                                   # step 6 sets it when the intent takes a slot
         denial = self._first_denial(intent, exposure, price, notional, pool, agent, limits, tripped)
         return RiskDecision(intent_id=intent.intent_id, approved=denial is None, denial=denial, state=agent.state,
-                             notional=_text(notional) if usable else "0", memory=_memory(agent))
+                             notional=_text(notional) if usable else "0", memory=_memory(agent),
+                             rate_counted=self._counted)
 
     def _first_denial(self, intent: Intent, exposure: Exposure, price: Decimal | None, notional: Decimal | None,
                       pool: str | None, agent: _AgentRisk, limits: RiskLimits, tripped: RiskDenial | None
@@ -415,6 +431,7 @@ class RiskEngine:
                              f"the last {window:g}s, limit {limits.rate_limit}; the next slot frees in "
                              f"{recent[0] + window - now:.3g}s", limits.rate_limit, len(recent))
             recent.append(now)
+            self._counted = True
         if notional is None:                                                                # 7
             what = "no price" if price is None else f"price {price} is not usable"
             return _deny(R.NO_PRICE, f"{what} for {intent.symbol}: the intent cannot be valued", None, price)
