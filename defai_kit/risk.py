@@ -236,6 +236,7 @@ class RiskEngine:
         self._agent_limits: dict[str, RiskLimits] = {}
         self._agents: dict[str, _AgentRisk] = {}
         self._kill_switch: str | None = None
+        self._counted = False             # whether the intent being checked took a rate-limit slot (set at step 6)
         for agent_id, overrides in (agent_limits or {}).items():
             self.set_agent_limits(agent_id, overrides)
 
@@ -392,7 +393,7 @@ class RiskEngine:
                 raise RiskError(f"price: {price!r} is not a number") from None
         usable = price is not None and price.is_finite() and price > 0
         notional = intent.quantity * price if usable else None
-        self._counted = False                                   # step 6 sets it when the intent takes a slot
+        self._counted = False
         denial = self._first_denial(intent, exposure, price, notional, pool, agent, limits, tripped)
         return RiskDecision(intent_id=intent.intent_id, approved=denial is None, denial=denial, state=agent.state,
                              notional=_text(notional) if usable else "0", memory=_memory(agent),
