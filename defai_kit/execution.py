@@ -80,18 +80,11 @@ class RiskStage:
         now = datetime.now(timezone.utc)
         oldest = now - timedelta(seconds=window + 60)        # rows come in ledger order; a minute for clocks that differ
         ages: dict[str, list[float]] = {}
-        room = {agent_id: 0 for agent_id in known}          # slots still worth counting, per agent
-        for row in reversed(models.intents.values()):      # newest first
+        for row in reversed(models.intents.values()):
             if row["created_at"] < oldest:
                 break
-            if (taken := row.get("_rate_slot")) is None:
-                continue
-            agent_id = row["agent_id"]
-            if agent_id not in room:
-                room[agent_id] = self.risk.limits_for(agent_id).rate_limit or 0
-            if room[agent_id] > 0:                         # only the newest `rate_limit` slots can deny an intent
-                room[agent_id] -= 1
-                ages.setdefault(agent_id, []).append((now - taken).total_seconds())
+            if (taken := row.get("_rate_slot")) is not None and row["agent_id"] not in known:
+                ages.setdefault(row["agent_id"], []).append((now - taken).total_seconds())
         for agent_id, agent_ages in ages.items():
             self.risk.take_up_slots(agent_id, agent_ages)
 

@@ -295,10 +295,14 @@ class RiskEngine:
 
     def take_up_slots(self, agent_id: str, ages: Iterable[float]) -> None:
         "Count toward `agent_id`'s rate limit the intents an earlier engine let through it, taken `ages` seconds ago."
-        now, window = self._clock(), self.limits_for(agent_id).rate_window_seconds
-        agent = self._agent(agent_id)
-        taken = [now - max(age, 0.0) for age in ages if age < window]   # another clock a little ahead: taken now
-        agent.recent = deque(sorted([*taken, *agent.recent]))
+        limits = self.limits_for(agent_id)
+        if limits.rate_limit is None:
+            return
+        now, agent = self._clock(), self._agent(agent_id)
+        taken = sorted(now - max(age, 0.0) for age in ages if age < limits.rate_window_seconds)  # a clock ahead: now
+        # only the newest `rate_limit` slots can deny an intent: the window falls below the limit when the oldest of
+        # them leaves it, however many older ones there were
+        agent.recent = deque(sorted([*taken[-limits.rate_limit:], *agent.recent]))
 
     def memory(self, agent_id: str) -> dict[str, Any]:
         "What the engine remembers of `agent_id`, as JSON types (what each decision carries in `memory`)."
