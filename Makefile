@@ -39,7 +39,7 @@ demo: setup
 # The notebook tests and the integration tests share nothing (each makes its own stores, servers and homes), so they
 # run side by side, one per core; each prints its report when it ends.
 test: setup system check-notebooks
-	@$(MAKE) --no-print-directory -j2 --output-sync=target test-notebooks test-integration
+	@$(MAKE) --no-print-directory -j2 --output-sync=target --assume-old=$(STAMP) test-notebooks test-integration
 
 # The package must be exactly what the notebooks export, and the notebooks must be clean.
 check-notebooks: setup
