@@ -1,4 +1,4 @@
-# The defai-kit image used by the docker-compose stack (api, jupyter). Not built on the development machines,
+# The defai-kit image used by the docker-compose stack (api, scheduler, jupyter). Not built on the development machines,
 # which have no Docker engine; see README "The production stack".
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEFAI_HOME=/var/lib/defai

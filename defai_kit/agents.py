@@ -1249,11 +1249,19 @@ class BarFetcher:
                 for symbol in config.symbols]
 
 # %% ../nbs/37_agents.ipynb #ca636c34
+def _beat(heartbeat: Path) -> None:
+    "Set the heartbeat file's time to now (made if missing); a runner that cannot says so before it ticks anything."
+    try:
+        heartbeat.touch()
+    except OSError as error:
+        raise AgentError(f"heartbeat: cannot write {heartbeat}: {error.strerror}", "heartbeat") from None
+
 def run_agents(settings: Settings | None = None, agent_ids: Sequence[str] = (), *, once: bool = False,
                max_ticks: int | None = None, engine: Engine | None = None, echo: Callable[[str], None] = print,
                clock: Callable[[], datetime] = _now, sleep: Callable[[float], None] = time.sleep,
-               fetch: BarFetcher | None = None) -> list[TickResult]:
-    "Tick the running agents (or those named) at each boundary of their schedule: for ever, `max_ticks` times, or `once`."
+               fetch: BarFetcher | None = None, heartbeat: Path | str | None = None) -> list[TickResult]:
+    """Tick the running agents (or those named) at each boundary of their schedule: for ever, `max_ticks` times, or
+    `once`; touch the file `heartbeat` at the start of every round, so a health check can tell a stalled runner."""
     settings = settings if settings is not None else Settings()
     engine = engine if engine is not None else open_store(settings.store_url)
     agents = AgentStore(engine, settings)
@@ -1262,6 +1270,8 @@ def run_agents(settings: Settings | None = None, agent_ids: Sequence[str] = (), 
     boundaries: dict[str, pd.Timestamp] = {}
     results: list[TickResult] = []
     while True:
+        if heartbeat is not None:
+            _beat(Path(heartbeat))
         now = pd.Timestamp(clock())
         running = [r for r in agents.list("running") if not agent_ids or r.agent_id in agent_ids]
         if not running and once:

@@ -20,9 +20,9 @@ from .settings import DefaiError, Settings, load_settings, settings_example
 
 # %% auto #0
 __all__ = ['app', 'db_app', 'settings_app', 'api_app', 'data_app', 'API_URL_HELP', 'runs_app', 'CONFIG_HELP', 'WORKER_ROLES',
-           'agent_app', 'AGENT_SET_HELP', 'RISK_HELP', 'FETCH_HELP', 'version', 'demo', 'db_upgrade', 'db_state',
-           'data_import', 'data_fetch', 'data_list', 'settings_show', 'settings_example_command', 'api_serve',
-           'CommandLineError', 'strategies', 'backtest', 'walk_forward_command', 'runs_list', 'runs_show',
+           'agent_app', 'AGENT_SET_HELP', 'RISK_HELP', 'FETCH_HELP', 'HEARTBEAT_HELP', 'version', 'demo', 'db_upgrade',
+           'db_state', 'data_import', 'data_fetch', 'data_list', 'settings_show', 'settings_example_command',
+           'api_serve', 'CommandLineError', 'strategies', 'backtest', 'walk_forward_command', 'runs_list', 'runs_show',
            'runs_compare', 'replay', 'paper_venues', 'run_worker', 'worker', 'agent_create', 'agent_list', 'agent_show',
            'agent_update', 'agent_start', 'agent_stop', 'agent_rearm', 'agent_delete', 'agent_tick', 'agent_run',
            'reconcile', 'run', 'main']
@@ -561,6 +561,7 @@ def agent_delete(agent_id: str = typer.Argument(..., help="The agent's id")) -> 
     typer.echo(f"agent {agent_id}: {record.state} (version {record.version})")
 
 FETCH_HELP = "Before each tick, fetch the agent's newest closed bars from its exchange into the bar store (ccxt)"
+HEARTBEAT_HELP = "Touch this file at the start of every round (at least once a minute): a health check's evidence"
 
 def _fetcher(fetch: bool, api_url: list[str]) -> Any:
     "A `BarFetcher` when `--fetch` is given; `--api-url` without it is a mistake."
@@ -585,14 +586,15 @@ def agent_run(agent_ids: list[str] = typer.Argument(None, help="Only these agent
               once: bool = typer.Option(False, "--once", help="Tick each running agent once, then exit"),
               max_ticks: int | None = typer.Option(None, help="Exit after this many ticks"),
               fetch: bool = typer.Option(False, "--fetch", help=FETCH_HELP),
-              api_url: list[str] = typer.Option([], "--api-url", help=API_URL_HELP)) -> None:
+              api_url: list[str] = typer.Option([], "--api-url", help=API_URL_HELP),
+              heartbeat: Path | None = typer.Option(None, "--heartbeat", help=HEARTBEAT_HELP)) -> None:
     "Tick the running agents at each boundary of their schedule, until interrupted (or --once)."
     from defai_kit.agents import run_agents
     fetcher = _fetcher(fetch, api_url)
     agents = _agent_store()
     try:
         run_agents(agents.settings, agent_ids or (), once=once, max_ticks=max_ticks, engine=agents.engine,
-                   echo=typer.echo, fetch=fetcher)
+                   echo=typer.echo, fetch=fetcher, heartbeat=heartbeat)
     except KeyboardInterrupt:
         typer.echo("stopped")
 

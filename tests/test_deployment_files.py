@@ -1,7 +1,11 @@
 """docker-compose.yml, the Dockerfile and .env.example checked against the kit (Docker does not run here)."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,18 +20,18 @@ EXAMPLE_VARIABLES = dict(re.findall(r"^([A-Z_]+)=(.*)$", ENV_EXAMPLE, flags=re.M
 SERVICES = COMPOSE["services"]
 
 
-def test_stack_has_the_four_parts_and_a_migration_step():
-    assert set(SERVICES) == {"timescaledb", "nats", "api", "jupyter", "migrate"}
+def test_stack_has_the_five_parts_and_a_migration_step():
+    assert set(SERVICES) == {"timescaledb", "nats", "api", "scheduler", "jupyter", "migrate"}
     assert SERVICES["timescaledb"]["image"].startswith("timescale/timescaledb:")
     assert "--jetstream" in SERVICES["nats"]["command"]
 
 
-@pytest.mark.parametrize("name", ["timescaledb", "nats", "api", "jupyter"])
+@pytest.mark.parametrize("name", ["timescaledb", "nats", "api", "scheduler", "jupyter"])
 def test_long_running_services_have_health_checks_volumes_and_loopback_ports(name):
     service = SERVICES[name]
     assert service["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL")
     assert service["volumes"], name
-    for port in service["ports"]:
+    for port in service.get("ports", []):
         assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
 
 
@@ -63,12 +67,35 @@ def test_stack_settings_validate():
 
 
 def test_services_run_real_kit_commands():
+    "Each kit service's command line parses as the real CLI would parse it: command, options and their values."
     from typer.main import get_command
     from defai_kit.cli import app
     root = get_command(app)
-    for name in ("api", "migrate"):
-        _, group, command = SERVICES[name]["command"]
-        assert command in root.commands[group].commands, f"{name} runs an unknown command"
+    for name in ("api", "migrate", "scheduler"):
+        program, group, command, *arguments = SERVICES[name]["command"]
+        assert program == "defai" and command in root.commands[group].commands, f"{name} runs an unknown command"
+        root.commands[group].commands[command].make_context(command, list(arguments))   # raises on a wrong option
+
+
+def test_the_scheduler_health_check_reads_a_real_runners_heartbeat(tmp_path):
+    """The scheduler's health check, run as Docker would (its path swapped for a temporary one), against the
+    heartbeat of a real `defai agent run`: healthy while the file is fresh, unhealthy once it is 5 minutes old or
+    missing (a runner that stalled or never started)."""
+    command = SERVICES["scheduler"]["command"]
+    heartbeat = command[command.index("--heartbeat") + 1]
+    check = [sys.executable if part == "python" else part.replace(heartbeat, str(tmp_path / "alive"))
+             for part in SERVICES["scheduler"]["healthcheck"]["test"][1:]]
+    environment = {**os.environ, "DEFAI_HOME": str(tmp_path), "DEFAI_DATABASE_URL": ""}
+    defai = Path(sys.executable).parent / "defai"
+    for arguments in (["db", "upgrade"], ["agent", "run", "--once", "--heartbeat", str(tmp_path / "alive")]):
+        ran = subprocess.run([str(defai), *arguments], env=environment, capture_output=True, text=True, timeout=120)
+        assert ran.returncode == 0, ran.stderr
+    assert subprocess.run(check).returncode == 0
+    stale = time.time() - 301
+    os.utime(tmp_path / "alive", (stale, stale))
+    assert subprocess.run(check).returncode == 1
+    (tmp_path / "alive").unlink()
+    assert subprocess.run(check, stderr=subprocess.DEVNULL).returncode == 1
 
 
 def test_env_example_lists_every_setting_with_its_default():
