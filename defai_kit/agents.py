@@ -36,6 +36,7 @@ from .events import EventEnvelope, new_event_id
 from .execution import Difference, ExecutionEngine
 from .intents import Intent
 from .ledger import Ledger
+from .logs import get_logger
 from .risk import RiskEngine, RiskError, RiskLimits
 from .settings import DefaiError, Settings
 from .store import EventStore, StoreError, as_utc, open_store, upgrade_database
@@ -1287,6 +1288,9 @@ def run_agents(settings: Settings | None = None, agent_ids: Sequence[str] = (), 
                                         fetch=fetch)
                 except DefaiError as error:
                     echo(f"error: {record.agent_id}: {error}")
+                except Exception as error:                  # a strategy's bug, a dropped connection: this agent only
+                    echo(f"error: {record.agent_id}: {type(error).__name__}: {error}")
+                    get_logger("agents").exception("tick failed", agent_id=record.agent_id)
                 else:
                     results.append(result)
                     for line in result.lines():
