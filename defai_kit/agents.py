@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import tempfile
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -1260,9 +1261,11 @@ def _beat(heartbeat: Path) -> None:
 def run_agents(settings: Settings | None = None, agent_ids: Sequence[str] = (), *, once: bool = False,
                max_ticks: int | None = None, engine: Engine | None = None, echo: Callable[[str], None] = print,
                clock: Callable[[], datetime] = _now, sleep: Callable[[float], None] = time.sleep,
-               fetch: BarFetcher | None = None, heartbeat: Path | str | None = None) -> list[TickResult]:
+               fetch: BarFetcher | None = None, heartbeat: Path | str | None = None,
+               stop: threading.Event | None = None) -> list[TickResult]:
     """Tick the running agents (or those named) at each boundary of their schedule: for ever, `max_ticks` times, or
-    `once`; touch the file `heartbeat` at the start of every round, so a health check can tell a stalled runner."""
+    `once`, or until `stop` is set (the tick in progress finishes first; pass `sleep=stop.wait` to cut a pause short);
+    touch the file `heartbeat` at the start of every round, so a health check can tell a stalled runner."""
     settings = settings if settings is not None else Settings()
     engine = engine if engine is not None else open_store(settings.store_url)
     agents = AgentStore(engine, settings)
@@ -1270,7 +1273,7 @@ def run_agents(settings: Settings | None = None, agent_ids: Sequence[str] = (), 
         agents.get(agent_id)                                # an unknown id fails before anything runs
     boundaries: dict[str, pd.Timestamp] = {}
     results: list[TickResult] = []
-    while True:
+    while stop is None or not stop.is_set():
         if heartbeat is not None:
             _beat(Path(heartbeat))
         now = pd.Timestamp(clock())
@@ -1279,6 +1282,8 @@ def run_agents(settings: Settings | None = None, agent_ids: Sequence[str] = (), 
             echo("no running agents: `defai agent start ID` first")
         waits = []
         for record in running:
+            if stop is not None and stop.is_set():
+                return results
             interval, delay = record.config.interval, pd.Timedelta(seconds=record.config.tick_delay_seconds)
             boundary = (now - delay).floor(interval)
             if once or boundaries.get(record.agent_id) != boundary:
@@ -1301,3 +1306,4 @@ def run_agents(settings: Settings | None = None, agent_ids: Sequence[str] = (), 
         if once:
             return results
         sleep(min(max(min(waits, default=60.0), 0.5), 60.0))
+    return results

@@ -588,14 +588,22 @@ def agent_run(agent_ids: list[str] = typer.Argument(None, help="Only these agent
               fetch: bool = typer.Option(False, "--fetch", help=FETCH_HELP),
               api_url: list[str] = typer.Option([], "--api-url", help=API_URL_HELP),
               heartbeat: Path | None = typer.Option(None, "--heartbeat", help=HEARTBEAT_HELP)) -> None:
-    "Tick the running agents at each boundary of their schedule, until interrupted (or --once)."
+    "Tick the running agents on their schedules until interrupted (or --once); SIGTERM stops after the tick in progress."
     from defai_kit.agents import run_agents
     fetcher = _fetcher(fetch, api_url)
     agents = _agent_store()
+    stop = threading.Event()
+    in_main = threading.current_thread() is threading.main_thread()     # signals reach the main thread only
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: stop.set()) if in_main else None
     try:
         run_agents(agents.settings, agent_ids or (), once=once, max_ticks=max_ticks, engine=agents.engine,
-                   echo=typer.echo, fetch=fetcher, heartbeat=heartbeat)
+                   echo=typer.echo, fetch=fetcher, heartbeat=heartbeat, stop=stop, sleep=stop.wait)
     except KeyboardInterrupt:
+        stop.set()
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+    if stop.is_set():
         typer.echo("stopped")
 
 # %% ../nbs/90_cli.ipynb #228ad108

@@ -4,6 +4,7 @@ is refused from the command line with exit code 2 and nothing written."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -222,4 +223,36 @@ def test_the_runner_fetches_the_newest_bars_then_trades(database_url, kit_env):
     assert tick["data_hash"] == bars_hash({"BTC/USDT": served.iloc[-300:]})   # it decided on the served bars
     assert [decision["action"] for decision in tick["decisions"]] == ["enter"]
     assert [intent["state"] for intent in tick["intents"]] == ["completed"]
+    engine.dispose()
+
+
+def test_sigterm_stops_the_runner_after_the_tick_in_progress(kit_env, tmp_path):
+    """Docker stops the scheduler (`defai agent run`) with SIGTERM. Sent while a tick is fetching its bars (the
+    exchange, a local server in Binance's REST format, has asked the runner to retry in 3 s), the tick still
+    completes: the agent enters and the audit says ticked. Then the runner exits 0 and says so, without waiting out
+    its pause. Killed mid-tick instead, it would leave the bar's slot claimed and the trade half told."""
+    settings, engine, bar = running_agents(f"sqlite:///{tmp_path / 'defai.db'}", kit_env, "term-btc", bars=False)
+    last_closed = pd.Timestamp.now(tz="UTC").floor("h") - pd.Timedelta(hours=1)
+    served = BTC.iloc[max(bar - 799, 0): bar + 1].copy()
+    served.index = served.index + (last_closed - served.index[-1])
+    with BinanceServer({"BTCUSDT": served}) as server:
+        server.fail_next(429, retry_after=3)
+        urls = [f"--api-url={name}={url}" for name, url in server.api_urls.items()]
+        runner = subprocess.Popen([str(DEFAI), "agent", "run", "--fetch", *urls, "--heartbeat", str(tmp_path / "alive")],
+                                  env=kit_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not server.kline_requests():                   # the first one is answered 429: the tick is waiting
+            assert time.monotonic() < deadline and runner.poll() is None, runner.communicate()
+            time.sleep(0.01)
+        runner.send_signal(signal.SIGTERM)
+        began = time.monotonic()
+        out, err = runner.communicate(timeout=60)
+    assert runner.returncode == 0, (runner.returncode, err)
+    lines = out.splitlines()
+    assert lines[0].startswith("tick-") and "term-btc: ticked the bar of" in lines[0], out
+    assert lines[-1] == "stopped" and time.monotonic() - began < 30, out     # the pause (up to 60 s) was cut short
+    tick = AgentStore(engine, settings).ticks("term-btc")
+    assert [(t["outcome"], pd.Timestamp(t["bar_time"])) for t in tick] == [("ticked", last_closed)]
+    assert [intent["state"] for intent in tick[0]["intents"]] == ["completed"]
+    assert server.kline_requests()[0].status == 429 and len(server.kline_requests()) >= 2       # it waited, then retried
     engine.dispose()
