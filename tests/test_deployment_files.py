@@ -83,6 +83,7 @@ def test_the_scheduler_health_check_reads_a_real_runners_heartbeat(tmp_path):
     missing (a runner that stalled or never started)."""
     command = SERVICES["scheduler"]["command"]
     heartbeat = command[command.index("--heartbeat") + 1]
+    assert SERVICES["scheduler"]["stop_grace_period"] == "60s"      # SIGTERM: the tick in progress may finish
     check = [sys.executable if part == "python" else part.replace(heartbeat, str(tmp_path / "alive"))
              for part in SERVICES["scheduler"]["healthcheck"]["test"][1:]]
     environment = {**os.environ, "DEFAI_HOME": str(tmp_path), "DEFAI_DATABASE_URL": ""}
