@@ -1251,10 +1251,12 @@ class BarFetcher:
                 for symbol in config.symbols]
 
 # %% ../nbs/37_agents.ipynb #ca636c34
-def _beat(heartbeat: Path) -> None:
-    "Set the heartbeat file's time to now (made if missing); a runner that cannot says so before it ticks anything."
+def _beat(heartbeat: Path | str | None) -> None:
+    "Set the heartbeat file's time to now (made if missing), if there is one; a runner that cannot says so at once."
+    if heartbeat is None:
+        return
     try:
-        heartbeat.touch()
+        Path(heartbeat).touch()
     except OSError as error:
         raise AgentError(f"heartbeat: cannot write {heartbeat}: {error.strerror}", "heartbeat") from None
 
@@ -1265,7 +1267,8 @@ def run_agents(settings: Settings | None = None, agent_ids: Sequence[str] = (), 
                stop: threading.Event | None = None) -> list[TickResult]:
     """Tick the running agents (or those named) at each boundary of their schedule: for ever, `max_ticks` times, or
     `once`, or until `stop` is set (the tick in progress finishes first; pass `sleep=stop.wait` to cut a pause short);
-    touch the file `heartbeat` at the start of every round, so a health check can tell a stalled runner."""
+    touch the file `heartbeat` at the start of every round and before every tick, so a health check can tell a
+    stalled runner."""
     settings = settings if settings is not None else Settings()
     engine = engine if engine is not None else open_store(settings.store_url)
     agents = AgentStore(engine, settings)
@@ -1274,8 +1277,7 @@ def run_agents(settings: Settings | None = None, agent_ids: Sequence[str] = (), 
     boundaries: dict[str, pd.Timestamp] = {}
     results: list[TickResult] = []
     while stop is None or not stop.is_set():
-        if heartbeat is not None:
-            _beat(Path(heartbeat))
+        _beat(heartbeat)
         now = pd.Timestamp(clock())
         running = [r for r in agents.list("running") if not agent_ids or r.agent_id in agent_ids]
         if not running and once:
@@ -1284,6 +1286,7 @@ def run_agents(settings: Settings | None = None, agent_ids: Sequence[str] = (), 
         for record in running:
             if stop is not None and stop.is_set():
                 return results
+            _beat(heartbeat)                                 # a round of many agents is no stall
             interval, delay = record.config.interval, pd.Timedelta(seconds=record.config.tick_delay_seconds)
             boundary = (now - delay).floor(interval)
             if once or boundaries.get(record.agent_id) != boundary:

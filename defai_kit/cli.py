@@ -561,7 +561,7 @@ def agent_delete(agent_id: str = typer.Argument(..., help="The agent's id")) -> 
     typer.echo(f"agent {agent_id}: {record.state} (version {record.version})")
 
 FETCH_HELP = "Before each tick, fetch the agent's newest closed bars from its exchange into the bar store (ccxt)"
-HEARTBEAT_HELP = "Touch this file at the start of every round (at least once a minute): a health check's evidence"
+HEARTBEAT_HELP = "Touch this file at the start of every round (at least once a minute) and before every tick"
 
 def _fetcher(fetch: bool, api_url: list[str]) -> Any:
     "A `BarFetcher` when `--fetch` is given; `--api-url` without it is a mistake."
