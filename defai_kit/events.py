@@ -7,9 +7,12 @@ Docs: https://defai-kit.github.io/defai-kit/events.html.md"""
 # %% ../nbs/02_events.ipynb #a24b7cbc
 from __future__ import annotations
 
+import contextvars
+import hashlib
 import os
 import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
@@ -19,8 +22,8 @@ from ulid import ULID
 from .settings import DefaiError
 
 # %% auto #0
-__all__ = ['new_event_id', 'FAMILIES', 'TOPICS', 'EventError', 'MonotonicUlid', 'register_topic', 'topic_matches',
-           'EventEnvelope']
+__all__ = ['new_event_id', 'FAMILIES', 'TOPICS', 'EventError', 'MonotonicUlid', 'derived_event_id', 'deriving_ids',
+           'register_topic', 'topic_matches', 'EventEnvelope']
 
 # %% ../nbs/02_events.ipynb #aeb65cfa
 class EventError(DefaiError):
@@ -58,6 +61,40 @@ class MonotonicUlid:
             return self._head + _PAIRS[self._random & 1023]
 
 new_event_id = MonotonicUlid()
+
+# %% ../nbs/02_events.ipynb #c14e33eb
+def derived_event_id(scope: str, cause_id: str, topic: str, number: int = 0) -> str:
+    "The id of the `number`-th `topic` event `scope` made from event `cause_id`: the same every time, after the cause."
+    cause = int(ULID.from_str(cause_id))
+    digest = hashlib.blake2b(f"{scope}|{cause_id}|{topic}|{number}".encode(), digest_size=5).digest()
+    random = (cause & ((1 << 80) - 1)) + 1 + int.from_bytes(digest, "big")
+    return str(ULID.from_int((cause >> 80 << 80) | (random & ((1 << 80) - 1))))   # a carry would leave the ms: wrap
+
+class _Derivation:
+    "What one handling of a delivered event has derived: the causes it derives from, and how many of each topic."
+    __slots__ = ("scope", "sources", "counts")
+
+    def __init__(self, scope: str, delivered_id: str) -> None:
+        self.scope, self.sources, self.counts = scope, {delivered_id}, {}
+
+    def event_id(self, cause_id: str, topic: str) -> str:
+        if cause_id not in self.sources:
+            return new_event_id()
+        number = self.counts[(cause_id, topic)] = self.counts.get((cause_id, topic), -1) + 1
+        derived = derived_event_id(self.scope, cause_id, topic, number)
+        self.sources.add(derived)
+        return derived
+
+_deriving: contextvars.ContextVar[_Derivation | None] = contextvars.ContextVar("defai_deriving", default=None)
+
+@contextmanager
+def deriving_ids(delivered: EventEnvelope, scope: str):
+    "Inside, events caused by `delivered` (or by events made so) get ids derived from their cause, for `scope`."
+    token = _deriving.set(_Derivation(scope, delivered.event_id))
+    try:
+        yield
+    finally:
+        _deriving.reset(token)
 
 # %% ../nbs/02_events.ipynb #02cb5b04
 FAMILIES = ("intent", "risk", "plan", "exec", "account", "agent", "market", "system")
@@ -160,10 +197,12 @@ class EventEnvelope(BaseModel):
             raise EventError("event.timestamp: must carry a time zone (UTC)")
         elif timestamp.tzinfo is not timezone.utc:
             timestamp = timestamp.astimezone(timezone.utc)
-        event_id = new_event_id()
         if caused_by is not None:
             correlation_id, causation_id = caused_by.correlation_id, caused_by.event_id
+            derivation = _deriving.get()                 # set while a bus handles one delivery (see below)
+            event_id = new_event_id() if derivation is None else derivation.event_id(causation_id, topic)
         else:
+            event_id = new_event_id()
             correlation_id, causation_id = correlation_id or f"{topic.split('.')[0]}-{event_id}", None
         # Every field is made or checked above, so the frozen model is filled in directly, without pydantic's
         # per-field pass: this is the engine's hot path (a test below checks the result equals a validated one).

@@ -34,7 +34,7 @@ from nats.aio.msg import Msg
 from nats.js import api as jetstream
 
 from .bus import BusError, Handler, InProcessBus, Overflow, delivery
-from .events import FAMILIES, EventEnvelope, EventError
+from .events import FAMILIES, EventEnvelope, EventError, deriving_ids
 from .logs import get_logger
 from .settings import Settings, load_settings
 
@@ -205,7 +205,9 @@ class NatsSubscription:
             token = _handling.set(outputs)                   # publish() inside the handler sees it
             future = None
             try:
-                with delivery(_delivery_count(message)):    # a handler may ask which delivery this is
+                # a handler may ask which delivery this is; its events get ids derived from their cause, so a
+                # run again (the worker died before the ack) makes the same ids, which the stream drops
+                with delivery(_delivery_count(message)), deriving_ids(event, self.group or self.name):
                     result = self.handler(event)
                     if isinstance(result, asyncio.Future):
                         future = result                      # acknowledged when it is done
