@@ -206,11 +206,16 @@ class EventEnvelope(BaseModel):
             correlation_id, causation_id = correlation_id or f"{topic.split('.')[0]}-{event_id}", None
         # Every field is made or checked above, so the frozen model is filled in directly, without pydantic's
         # per-field pass: this is the engine's hot path (a test below checks the result equals a validated one).
+        return cls._filled({"event_id": event_id, "timestamp": timestamp, "topic": topic,
+                            "correlation_id": correlation_id, "causation_id": causation_id,
+                            "payload": dict(payload or {}), "version": version})
+
+    @classmethod
+    def _filled(cls, fields: dict[str, Any]) -> EventEnvelope:
+        "The envelope of `fields` as they are, unchecked: for values made or checked already (`new`, the ledger's store)."
         event = cls.__new__(cls)
         setattr_ = object.__setattr__
-        setattr_(event, "__dict__", {"event_id": event_id, "timestamp": timestamp, "topic": topic,
-                                     "correlation_id": correlation_id, "causation_id": causation_id,
-                                     "payload": dict(payload or {}), "version": version})
+        setattr_(event, "__dict__", fields)
         setattr_(event, "__pydantic_fields_set__", set(_ENVELOPE_FIELDS))
         setattr_(event, "__pydantic_extra__", None)
         setattr_(event, "__pydantic_private__", None)
