@@ -294,7 +294,7 @@ def runs_compare(run_ids: list[str] = typer.Argument(..., help="Two or more run 
 @app.command()
 def replay(check: bool = typer.Option(False, "--check", help="Only compare the stored read models with a replay; "
                                       "exit 1 when they differ")) -> None:
-    "Rebuild the ledger's read models (intents, plans, orders, fills, balances, positions) from the event store."
+    "Rebuild the ledger's read models (intents, plans, orders, fills, balances, positions, risk) from the event store."
     from defai_kit.ledger import WriterLease, compare_read_models, rebuild_read_models, replay as replay_store
     from defai_kit.store import open_store
     engine = open_store(_settings().store_url)

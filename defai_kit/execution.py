@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from .bus import InProcessBus, delivery_attempt
 from .events import EventEnvelope
 from .intents import FINAL_STATES, Intent, IntentError, IntentState, amount, intent_event
-from .ledger import LEDGER_SUBSCRIPTIONS, Ledger, ReadModels
+from .ledger import LEDGER_SUBSCRIPTIONS, Ledger, ReadModels, stored_intent
 from .logs import get_logger
 from .planner import PlanError, plan_intent
 from .positions import PositionError
@@ -78,15 +78,10 @@ class RiskStage:
         if window is None:
             return
         now = datetime.now(timezone.utc)
-        oldest = now - timedelta(seconds=window + 60)        # rows come in ledger order; a minute for clocks that differ
-        ages: dict[str, list[float]] = {}
-        for row in reversed(models.intents.values()):
-            if row["created_at"] < oldest:
-                break
-            if (taken := row.get("_rate_slot")) is not None and row["agent_id"] not in known:
-                ages.setdefault(row["agent_id"], []).append((now - taken).total_seconds())
-        for agent_id, agent_ages in ages.items():
-            self.risk.take_up_slots(agent_id, agent_ages)
+        oldest = now - timedelta(seconds=window + 60)        # a minute for clocks that differ
+        for agent_id, slots in models.rate_slots.items():
+            if agent_id not in known:
+                self.risk.take_up_slots(agent_id, [(now - taken).total_seconds() for taken in slots if taken >= oldest])
 
     def attach(self, bus: Any) -> list[Any]:
         "Subscribe to `intent.submitted` (risk is one stage: no queue group, it must see every intent in order)."
@@ -429,7 +424,7 @@ class ExecutionEngine:
         self._gc_before: tuple[int, int, int] | None = None
 
     async def start(self) -> ExecutionEngine:
-        "Replay the store, attach the ledger and every component, resume plans left in flight."
+        "Open the ledger, attach it and every component, resume plans left in flight."
         self._gc_before = relax_garbage_collection()
         if self.bus is None:
             self.bus = InProcessBus()
@@ -498,19 +493,23 @@ def update_mark(self: ExecutionEngine, symbol: str, price: Decimal) -> None:
 async def wait(self: ExecutionEngine, intent_id: str, timeout: float | None = 30.0) -> dict[str, Any]:
     "The intent's read-model row once it is final and stored."
     models = self.ledger.models
-    if intent_id not in models.intents:
+    held = lambda: models.intents.get(intent_id) or models.ended.get(intent_id)
+    if (row := held()) is None:
         await self.bus.drain()                               # just submitted: on its way to the ledger
-        if intent_id not in models.intents:
-            raise ExecutionError(f"intent_id: no intent {intent_id}")
-    if IntentState(models.intents[intent_id]["state"]) in FINAL_STATES:   # wait for its own events, not later ones
-        stored_by = models.intents[intent_id].get("_sequence", self.ledger.sequence - 1)
+        if (row := held()) is None:                          # or ended long ago: its table keeps it
+            if (row := stored_intent(self.engine, intent_id)) is None:
+                raise ExecutionError(f"intent_id: no intent {intent_id}")
+            return row
+    if IntentState(row["state"]) in FINAL_STATES:           # wait for its own events, not later ones
+        stored_by = row.get("_sequence", self.ledger.sequence - 1)
     else:
         waiter = self._finished.get(intent_id)
         if waiter is None:
             waiter = self._finished[intent_id] = asyncio.get_running_loop().create_future()
         stored_by = await asyncio.wait_for(asyncio.shield(waiter), timeout)
     await self.ledger.stored_through(stored_by)
-    return {k: v for k, v in models.intents[intent_id].items() if not k.startswith("_")}
+    row = held() or stored_intent(self.engine, intent_id)   # the models may have let it go meanwhile
+    return {k: v for k, v in row.items() if not k.startswith("_")}
 
 @patch
 def trail(self: ExecutionEngine, intent_id: str) -> list[EventEnvelope]:

@@ -13,7 +13,7 @@ import os
 import secrets
 import socket
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -37,9 +37,11 @@ from .settings import DefaiError
 from .store import EventRecord, StoreError, _insert_ignoring_duplicates, as_utc
 
 # %% auto #0
-__all__ = ['INTENTS', 'PLANS', 'ORDERS', 'FILLS', 'BALANCES', 'POSITIONS', 'READ_MODELS', 'LEDGER_TOPICS', 'LEDGER_SUBSCRIPTIONS',
+__all__ = ['INTENTS', 'PLANS', 'ORDERS', 'FILLS', 'BALANCES', 'POSITIONS', 'RISK_MEMORY', 'RISK_ACCOUNTS', 'READ_MODELS',
+           'HISTORY', 'LEDGER_TOPICS', 'LEDGER_SUBSCRIPTIONS', 'ENDED_KEPT', 'RATE_SLOT_HORIZON', 'RISK_COLUMNS',
            'WRITER_LEASE_SECONDS', 'WRITER_WAIT_SECONDS', 'LedgerError', 'LeaseLost', 'ReadModels', 'WriterLease',
-           'Ledger', 'stored_trading_events', 'replay', 'compare_read_models', 'rebuild_read_models']
+           'Ledger', 'stored_trading_events', 'replay', 'compare_read_models', 'rebuild_read_models',
+           'open_read_models', 'stored_intent']
 
 # %% ../nbs/35_ledger.ipynb #c6c4794e
 class LedgerError(DefaiError):
@@ -62,7 +64,7 @@ INTENTS = _table("intents", sa.Column("intent_id", sa.String(40), primary_key=Tr
     sa.Column("quantity", _amount), sa.Column("state", sa.String(16)), sa.Column("reason_code", sa.String(32)),
     sa.Column("reason", sa.String(500)), sa.Column("filled_quantity", _amount), sa.Column("average_price", _amount),
     sa.Column("fees", _amount), sa.Column("created_at", _time), sa.Column("updated_at", _time),
-    sa.Column("last_event_id", sa.String(26)), sa.Column("intent", _json))
+    sa.Column("last_event_id", sa.String(26)), sa.Column("intent", _json), sa.Column("rate_slot_at", _time))
 PLANS = _table("plans", sa.Column("intent_id", sa.String(40), primary_key=True), sa.Column("venue", sa.String(128)),
     sa.Column("plan_type", sa.String(16)), sa.Column("state", sa.String(16)), sa.Column("mark", _amount),
     sa.Column("expected_price", _amount), sa.Column("limit_price", _amount), sa.Column("estimated_cost", _amount),
@@ -86,7 +88,14 @@ POSITIONS = _table("positions", sa.Column("venue", sa.String(128), primary_key=T
     sa.Column("average_cost", _amount), sa.Column("realized_pnl", _amount), sa.Column("fifo_realized_pnl", _amount),
     sa.Column("fees", _amount), sa.Column("lots", _json), sa.Column("updated_at", _time))
 
-READ_MODELS: dict[str, sa.Table] = {t.name: t for t in (INTENTS, PLANS, ORDERS, FILLS, BALANCES, POSITIONS)}
+RISK_MEMORY = _table("risk_memory", sa.Column("agent_id", sa.String(64), primary_key=True),
+    sa.Column("memory", _json), sa.Column("updated_at", _time))
+RISK_ACCOUNTS = _table("risk_accounts", sa.Column("venue", sa.String(128), primary_key=True),
+    sa.Column("account", _json), sa.Column("updated_at", _time))
+
+READ_MODELS: dict[str, sa.Table] = {t.name: t for t in (INTENTS, PLANS, ORDERS, FILLS, BALANCES, POSITIONS,
+                                                         RISK_MEMORY, RISK_ACCOUNTS)}
+HISTORY = ("intents", "plans", "orders", "fills")   # tables that keep every intent; the rest hold only what is now
 LEDGER_TOPICS = ("intent.>", "risk.>", "plan.>", "exec.>", "account.>")
 LEDGER_SUBSCRIPTIONS = {pattern: f"ledger:{pattern}" for pattern in LEDGER_TOPICS}   # durable names over NATS
 
@@ -108,11 +117,13 @@ _MOVES = {topic: {None if state is None else state.value: to.value for state, to
           for topic, moves in TRANSITIONS.items()}                           # the state machine, in plain strings
 _NO_MOVES: dict = {}
 _STANDALONE = {"account.deposited": "_account", "risk.rearmed": "_risk_rearmed"}   # topics outside any journey
+ENDED_KEPT = 10_000                   # ended intents whose rows live models keep after forgetting the rest of them
+RATE_SLOT_HORIZON = timedelta(seconds=86_400 + 60)   # the longest rate window risk allows, and a minute for clocks
 
 class ReadModels:
-    "The ledger's models in memory, changed only by `apply`."
+    "The ledger's models in memory, changed only by `apply`; with `keep_finished=False` ended intents can be forgotten."
 
-    def __init__(self) -> None:
+    def __init__(self, keep_finished: bool = True) -> None:
         self.intents: dict[str, dict[str, Any]] = {}
         self.plans: dict[str, dict[str, Any]] = {}
         self.orders: dict[str, dict[str, Any]] = {}
@@ -123,6 +134,13 @@ class ReadModels:
         self.journeys: dict[str, _Journey] = {}
         self.risk_memory: dict[str, dict[str, Any]] = {}   # agent id -> what risk remembered at its newest decision
         self.risk_accounts: dict[str, dict[str, str]] = {}  # venue -> day, equity, peak and day start at its newest
+        self.risk_times: dict[tuple[str, str], datetime] = {}   # ("risk_memory" | "risk_accounts", key) -> changed at
+        self.rate_slots: dict[str, deque[datetime]] = {}   # agent id -> when its intents took a rate-limit slot
+        self.waiting: set[str] = set()                     # journeys with events parked, waiting for their cause
+        self.keep_finished = keep_finished
+        self.finished: list[str] = []                      # intents ended since `forget_finished` (if not kept)
+        self.ended: dict[str, dict[str, Any]] = {}         # the last ENDED_KEPT forgotten intents' rows
+        self.lookup_ended: Callable[[str], str | None] | None = None   # a forgotten intent's state, from its table
         self.dirty: dict[str, set] = {name: set() for name in READ_MODELS}
         self.counts = dict(applied=0, parked=0, refused=0)
         self.refusals: list[tuple[str, str, str]] = []    # (event_id, topic, why), the most recent few
@@ -156,6 +174,8 @@ class ReadModels:
                 journey.applied.add(current.event_id)
                 if journey.parked:
                     waiting.extend(journey.parked.pop(current.event_id, ()))
+                    if not journey.parked:
+                        self.waiting.discard(correlation_id)
         self._close_finished(correlation_id)
         return applied
 
@@ -163,13 +183,22 @@ class ReadModels:
         "Keep `event` until its cause is applied; refuse one that has no cause, or whose intent has ended."
         if event.causation_id is None:
             return self._refuse(event, "no causation_id: only intent.submitted starts a journey")
-        if journey is None and event.correlation_id in self.intents:
-            return self._refuse(event, f"intent is already {self.intents[event.correlation_id]['state']}")
+        if journey is None and (state := self._ended_state(event.correlation_id)) is not None:
+            return self._refuse(event, f"intent is already {state}")
         if journey is None:
             journey = self.journeys[event.correlation_id] = _Journey()
         journey.parked[event.causation_id].append(event)
+        self.waiting.add(event.correlation_id)
         self.counts["parked"] += 1
         return []
+
+    def _ended_state(self, intent_id: str) -> str | None:
+        "The state of an intent that ended (held, forgotten lately, or long ago: its table says); None if it has not."
+        row = self.intents.get(intent_id) or self.ended.get(intent_id)
+        if row is None and self.lookup_ended is not None:   # a rare path: an event no journey here expects
+            state = self.lookup_ended(intent_id)
+            return state if state in FINAL_STATES else None
+        return row["state"] if row is not None else None
 
     def _refuse(self, event: EventEnvelope, why: str) -> list[EventEnvelope]:
         self.counts["refused"] += 1
@@ -184,13 +213,38 @@ class ReadModels:
         row = self.intents.get(correlation_id)
         if journey is not None and row is not None and row["state"] in FINAL_STATES and not journey.parked:
             del self.journeys[correlation_id]
+            if not self.keep_finished:
+                self.finished.append(correlation_id)
+
+    def forget_finished(self) -> None:
+        "Drop the intents ended since the last call, with their plans, orders and fills (once their rows are taken)."
+        for intent_id in self.finished:
+            row = self.intents.pop(intent_id, None)
+            if row is None:
+                continue
+            self.plans.pop(intent_id, None)
+            for order_id in row["_orders"]:
+                self.orders.pop(order_id, None)
+            for key in row["_fills"]:
+                self.fills.pop(key, None)
+            self.ended[intent_id] = row
+            if len(self.ended) > ENDED_KEPT:
+                del self.ended[next(iter(self.ended))]
+        self.finished = []
+
+    def keep_only_live(self) -> None:
+        "Forget every ended intent now, and each one that ends from here on (the ledger's models)."
+        self.keep_finished = False
+        self.finished = [i for i, row in self.intents.items() if row["state"] in FINAL_STATES and i not in self.journeys]
+        self.forget_finished()
 
     def _transition(self, event: EventEnvelope) -> bool:
         row = self.intents.get(event.correlation_id)
-        state = _MOVES.get(event.topic, _NO_MOVES).get(row["state"] if row is not None else None)
+        known = row if row is not None else self.ended.get(event.correlation_id)   # an ended one, forgotten lately
+        state = _MOVES.get(event.topic, _NO_MOVES).get(known["state"] if known is not None else None)
         if state is None:
             try:
-                next_state(IntentState(row["state"]) if row is not None else None, event.topic)
+                next_state(IntentState(known["state"]) if known is not None else None, event.topic)
             except IllegalTransition as error:               # the state machine's own words for the refusal
                 self._refuse(event, str(error))
             return False
@@ -210,8 +264,7 @@ def _intent_submitted(self: ReadModels, event: EventEnvelope, row: dict | None) 
         side=intent["side"], quantity=amount(intent["quantity"], "intent.quantity"), state="submitted",
         reason_code=None, reason=None, filled_quantity=Decimal(0), average_price=None, fees=Decimal(0),
         created_at=event.timestamp, updated_at=event.timestamp, last_event_id=event.event_id, intent=dict(intent),
-        _intent_json=_sql_json(intent),
-        _notional=Decimal(0))
+        rate_slot_at=None, _intent_json=_sql_json(intent), _notional=Decimal(0), _orders=[], _fills=[])
 
 @patch
 def _risk_approved(self: ReadModels, event: EventEnvelope, row: dict) -> None:
@@ -221,11 +274,21 @@ def _risk_approved(self: ReadModels, event: EventEnvelope, row: dict) -> None:
 def _remember_risk(self: ReadModels, event: EventEnvelope, row: dict) -> None:
     "Keep what risk remembered of the agent, and the account it measured, at this decision: the next engine's start."
     if (memory := event.payload.get("memory")) is not None:
-        self.risk_memory[row["agent_id"]] = memory
+        self._risk_changed("risk_memory", self.risk_memory, row["agent_id"], memory, event.timestamp)
     if (account := event.payload.get("account")) is not None:
-        self.risk_accounts[row["venue"]] = account
+        self._risk_changed("risk_accounts", self.risk_accounts, row["venue"], account, event.timestamp)
     if event.payload.get("rate_counted"):
-        row["_rate_slot"] = event.timestamp              # when the intent took a slot of the agent's rate limit
+        row["rate_slot_at"] = event.timestamp            # when the intent took a slot of the agent's rate limit
+        slots = self.rate_slots.setdefault(row["agent_id"], deque())
+        slots.append(event.timestamp)
+        while slots[0] < event.timestamp - RATE_SLOT_HORIZON:   # no rate window reaches further back
+            slots.popleft()
+
+@patch
+def _risk_changed(self: ReadModels, table: str, models: dict, key: str, value: dict, at: datetime) -> None:
+    models[key] = value
+    self.risk_times[(table, key)] = at
+    self.dirty[table].add(key)
 
 @patch
 def _risk_rejected(self: ReadModels, event: EventEnvelope, row: dict) -> None:
@@ -282,6 +345,7 @@ def _exec_step_submitted(self: ReadModels, event: EventEnvelope, row: dict) -> N
         average_price=None, fees=Decimal(0), state="submitted", venue_order_id=None, submitted_at=event.timestamp,
         updated_at=event.timestamp, _notional=Decimal(0))
     self.dirty["orders"].add(step["step_id"])
+    row["_orders"].append(step["step_id"])
     plan = self._set_plan(event)
     if (planned := self._step(plan, step["step_id"])) is not None:
         planned["state"] = "submitted"
@@ -298,6 +362,7 @@ def _exec_step_filled(self: ReadModels, event: EventEnvelope, row: dict) -> None
                            quantity=quantity, price=price, fee=fee, fee_asset=fill["fee_asset"],
                            filled_at=datetime.fromisoformat(fill["timestamp"]), event_id=event.event_id)
     self.dirty["fills"].add(key)
+    row["_fills"].append(key)
     state = payload.get("order_state", "filled")
     for totals in (self.orders.get(step_id), row):
         if totals is None:
@@ -352,10 +417,12 @@ def _risk_rearmed(self: ReadModels, event: EventEnvelope) -> bool:
     if not isinstance(agent_id, str) or not isinstance(memory, dict):
         self._refuse(event, "risk.rearmed needs an agent_id and the memory risk takes up")
         return False
-    self.risk_memory[agent_id] = memory
+    self._risk_changed("risk_memory", self.risk_memory, agent_id, memory, event.timestamp)
     return True
 
 # %% ../nbs/35_ledger.ipynb #9501a43e
+RISK_COLUMNS = {"risk_memory": ("agent_id", "memory"), "risk_accounts": ("venue", "account")}
+
 def _stored(row: Mapping[str, Any]) -> dict[str, Any]:
     "A model row as its table stores it: amounts as text, working fields (`_name`) left out."
     stored = {k: v for k, v in row.items() if k[0] != "_"}
@@ -367,9 +434,13 @@ def _stored(row: Mapping[str, Any]) -> dict[str, Any]:
 @patch
 def rows(self: ReadModels, table: str, keys: Iterable | None = None) -> list[dict[str, Any]]:
     "Rows of read-model `table` as stored: all of them, or those with `keys`."
-    if table in ("intents", "plans", "orders", "fills"):
+    if table in HISTORY:
         models = getattr(self, table)
         return [_stored(models[k]) for k in (models if keys is None else keys)]
+    if table in ("risk_memory", "risk_accounts"):
+        models, (key, column) = getattr(self, table), RISK_COLUMNS[table]
+        return [{key: k, column: models[k], "updated_at": self.risk_times[(table, k)]}
+                for k in (models if keys is None else keys)]
     portfolio = self.portfolio
     if table == "balances":
         keys = portfolio.balances if keys is None else keys
@@ -460,7 +531,7 @@ class _Statements:
         parameters = {}
         for table, keys in changed.items():
             make = self.upserts[table][1]
-            if table in ("intents", "plans", "orders", "fills"):
+            if table in HISTORY:
                 rows = getattr(models, table)
                 parameters[table] = [make(rows[key]) for key in keys]
             else:
@@ -491,6 +562,11 @@ def _next_sequence(engine: Engine) -> int:
     with engine.connect() as connection:
         return (connection.execute(sa.select(sa.func.max(EventRecord.__table__.c.sequence))).scalar() or 0) + 1
 
+def _stored_state(engine: Engine, intent_id: str) -> str | None:
+    "The state the intents table holds for `intent_id`; None if it holds none."
+    with engine.connect() as connection:
+        return connection.execute(sa.select(INTENTS.c.state).where(INTENTS.c.intent_id == intent_id)).scalar()
+
 def _recent_event_ids(engine: Engine, count: int, after: int | None = None) -> list[str]:
     "The ids of the last `count` events the ledger numbered (after number `after`), in its order."
     table = EventRecord.__table__
@@ -504,7 +580,8 @@ WRITER_LEASE_SECONDS = 30.0          # a ledger that stops renewing loses the le
 WRITER_WAIT_SECONDS = 60.0           # how long a new ledger waits for the lease before it gives up
 
 _WRITER = sa.Table("ledger_writer", sa.MetaData(), sa.Column("name", sa.String(32), primary_key=True),
-                   sa.Column("holder", sa.String(200)), sa.Column("expires_at", _time))
+                   sa.Column("holder", sa.String(200)), sa.Column("expires_at", _time),
+                   sa.Column("applied_through", sa.BigInteger), sa.Column("parked_journeys", sa.Text))
 _THE_LEDGER = _WRITER.c.name == "ledger"
 
 def _gone(holder: str) -> bool:
@@ -528,6 +605,8 @@ class WriterLease:
         self.engine, self.holder = engine, holder
         mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"      # renewed with every batch: kept cheap
         self._renewal = f"UPDATE ledger_writer SET expires_at = {mark} WHERE name = 'ledger' AND holder = {mark}"
+        self._renewal_with_batch = (f"UPDATE ledger_writer SET expires_at = {mark}, applied_through = {mark}, "
+                                    f"parked_journeys = {mark} WHERE name = 'ledger' AND holder = {mark}")
         self._time = _sql_time(engine.dialect.name)
 
     @classmethod
@@ -560,13 +639,16 @@ class WriterLease:
             holder, expires = connection.execute(current).one()
         return holder, as_utc(expires) if expires is not None else now   # read again: it may have just been taken
 
-    def renew(self, connection: sa.Connection | None = None) -> None:
+    def renew(self, connection: sa.Connection | None = None, through: int | None = None,
+              parked: str | None = None) -> None:
         "Extend the lease (inside `connection`'s transaction, or one of its own); `LeaseLost` if another ledger has it."
         if connection is None:
             with self.engine.begin() as connection:
                 return self.renew(connection)
         expires = self._time(datetime.now(timezone.utc) + timedelta(seconds=WRITER_LEASE_SECONDS))
-        if connection.exec_driver_sql(self._renewal, (expires, self.holder)).rowcount != 1:
+        renewal = ((self._renewal, (expires, self.holder)) if through is None else   # with a batch: how far it goes
+                   (self._renewal_with_batch, (expires, through, parked, self.holder)))
+        if connection.exec_driver_sql(*renewal).rowcount != 1:
             holder = connection.execute(sa.select(_WRITER.c.holder).where(_THE_LEDGER)).scalar()
             raise LeaseLost(f"ledger: this ledger lost the store's writer lease (now held by {holder}); it stores "
                             "nothing more: open a new ledger")
@@ -585,7 +667,8 @@ class Ledger:
                  lease: WriterLease | None = None, seen: dict[str, None] | None = None):
         self.engine = engine
         self.lease = lease if lease is not None else WriterLease.take(engine)   # before anything is read
-        self.models = models if models is not None else ReadModels()
+        self.models = models if models is not None else ReadModels(keep_finished=False)
+        self.models.lookup_ended = partial(_stored_state, engine)
         self.sequence = _next_sequence(engine)
         self.committed = self.sequence - 1                   # the highest sequence number known to be on disk
         self.stored = self.duplicates = self.batches = 0
@@ -608,12 +691,12 @@ class Ledger:
 
     @classmethod
     def open(cls, engine: Engine, wait_seconds: float = WRITER_WAIT_SECONDS, *, since: Ledger | None = None) -> Ledger:
-        "The ledger of the store at `engine`: the writer lease taken, then its models replayed from the store."
+        "The ledger of the store at `engine`: the writer lease taken, then its live models read from its tables."
         lease = WriterLease.take(engine, wait_seconds)
         try:
             continued = _continued(since, engine)            # `since`'s models and remembered ids, if they can go on
             if continued is None:
-                return cls(engine, replay(engine), lease=lease)
+                return cls(engine, open_read_models(engine), lease=lease)
             models, after, seen = continued
             seen.update(dict.fromkeys(_recent_event_ids(engine, since.window, after)))
             ledger = cls(engine, replay(engine, models, after), lease=lease, window=since.window, seen=seen)
@@ -645,15 +728,20 @@ class Ledger:
             row["_sequence"] = self.sequence - 1             # the intent's events are numbered up to here
         return applied
 
-    def _take_batch(self) -> tuple[list[tuple[int, EventEnvelope]], dict[str, list[tuple]]]:
+    def _take_batch(self) -> tuple[list[tuple[int, EventEnvelope]], dict[str, list[tuple]], str | None]:
+        "What is pending, the rows it changed, and the journeys still waiting; ended intents are then forgotten."
         batch, self._pending = self._pending, []
-        return batch, self._statements.model_rows(self.models, self.models.take_dirty())
+        changed = self._statements.model_rows(self.models, self.models.take_dirty())
+        self.models.forget_finished()                        # their rows are taken: the tables keep them
+        waiting = self.models.waiting
+        return batch, changed, _sql_json(sorted(waiting)) if waiting else None
 
-    def _store(self, batch: list[tuple[int, EventEnvelope]], changed: Mapping[str, list[tuple]]) -> int:
+    def _store(self, batch: list[tuple[int, EventEnvelope]], changed: Mapping[str, list[tuple]],
+               parked: str | None = None) -> int:
         "Write one batch in one transaction (any thread); how many of its events were new to the store."
         try:
-            with self.engine.begin() as connection:
-                self.lease.renew(connection)                 # in the batch's transaction: no lease, nothing stored
+            with self.engine.begin() as connection:      # the lease, with how far the tables now go: no lease, no write
+                self.lease.renew(connection, batch[-1][0] if batch else None, parked)
                 inserted = self._statements.store(connection, batch, changed)
                 if inserted == len(batch):
                     return inserted
@@ -672,11 +760,12 @@ class Ledger:
     def _rebuild(self, error: Exception | None = None) -> None:
         "Make the models (kept in place: components hold them) and the tables equal to a replay of the store."
         fresh = replay(self.engine)
-        observers = self.models.observers
-        self.models.__dict__.update(fresh.__dict__)
-        self.models.observers = observers
         if not isinstance(error, LeaseLost):                 # the tables are another ledger's now
-            rebuild_read_models(self.engine)
+            rebuild_read_models(self.engine, fresh)
+        fresh.keep_only_live()
+        observers, lookup = self.models.observers, self.models.lookup_ended
+        self.models.__dict__.update(fresh.__dict__)
+        self.models.observers, self.models.lookup_ended = observers, lookup
 
     def _stored_batch(self, batch: list, inserted: int) -> None:
         if inserted < 0:
@@ -703,9 +792,9 @@ class Ledger:
         applied: list[EventEnvelope] = []
         for event in events:
             applied.extend(self.accept(event) or ())
-        batch, changed = self._take_batch()
+        batch, changed, parked = self._take_batch()
         try:
-            inserted = self._store(batch, changed)
+            inserted = self._store(batch, changed, parked)
         except LedgerError as error:
             self._rebuild(error)
             raise
@@ -743,8 +832,8 @@ def _flush(self: Ledger) -> None:
     self._flush_handle = None
     if not self._pending or self._writes:
         return
-    batch, changed = self._take_batch()
-    write = asyncio.get_running_loop().run_in_executor(self._writer, self._store, batch, changed)
+    batch, changed, parked = self._take_batch()
+    write = asyncio.get_running_loop().run_in_executor(self._writer, self._store, batch, changed, parked)
     self._writes.append(write)
     write.add_done_callback(partial(self._committed, batch))
 
@@ -813,17 +902,18 @@ def _lease_renewed(self: Ledger, renewal: Any) -> None:
 
 # %% ../nbs/35_ledger.ipynb #4c907083
 _STORED_EVENTS = ("SELECT event_id, timestamp, topic, correlation_id, causation_id, {payload}, version, sequence "
-                  "FROM events WHERE sequence > {mark} ORDER BY sequence LIMIT {mark}")
+                  "FROM events WHERE sequence > {mark}{journeys} ORDER BY sequence LIMIT {mark}")
 
-def stored_trading_events(engine: Engine, batch: int = 20_000, after: int = 0) -> Iterable[EventEnvelope]:
-    "The events the ledger applied, in its order (those numbered after `after`), read in batches."
+def _stored_events(engine: Engine, batch: int, after: int, journeys: list[str]) -> Iterable[EventEnvelope]:
     sqlite = engine.dialect.name == "sqlite"     # SQLite hands back what the kit wrote: UTC wall time, JSON text
-    query = _STORED_EVENTS.format(mark="?" if engine.dialect.paramstyle == "qmark" else "%s",
-                                  payload="payload" if sqlite else "payload::text")   # msgspec decodes it faster
+    mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+    query = _STORED_EVENTS.format(mark=mark, payload="payload" if sqlite else "payload::text",   # msgspec decodes it
+                                  journeys=f" AND correlation_id IN ({', '.join([mark] * len(journeys))})" if journeys
+                                  else "")
     filled, utc, decode = EventEnvelope._filled, timezone.utc, msgspec.json.decode
     while True:
         with engine.connect() as connection:       # the driver's rows as they are: a replay reads every event
-            rows = connection.exec_driver_sql(query, (after, batch)).all()
+            rows = connection.exec_driver_sql(query, (after, *journeys, batch)).all()
         for event_id, moment, topic, correlation_id, causation_id, payload, version, _ in rows:
             moment = datetime.fromisoformat(moment).replace(tzinfo=utc) if sqlite else as_utc(moment)
             yield filled({"event_id": event_id, "timestamp": moment, "topic": topic, "correlation_id": correlation_id,
@@ -833,6 +923,19 @@ def stored_trading_events(engine: Engine, batch: int = 20_000, after: int = 0) -
             return
         after = rows[-1][-1]
 
+def stored_trading_events(engine: Engine, batch: int = 20_000, after: int = 0,
+                          journeys: Iterable[str] | None = None) -> Iterable[EventEnvelope]:
+    "The events the ledger applied, in its order (numbered after `after`; of `journeys` only, each in order), in batches."
+    if journeys is None:
+        yield from _stored_events(engine, batch, after, [])
+        return
+    ids = sorted(set(journeys))
+    for start in range(0, len(ids), 500):
+        yield from _stored_events(engine, batch, after, ids[start:start + 500])
+
+def _newest_sequence(connection: sa.Connection) -> int | None:
+    return connection.execute(sa.select(sa.func.max(EventRecord.__table__.c.sequence))).scalar()
+
 def replay(engine: Engine, models: ReadModels | None = None, after: int = 0) -> ReadModels:
     "Read models rebuilt from the event store alone; or `models`, holding its events up to `after`, brought up to date."
     if models is None:
@@ -841,6 +944,8 @@ def replay(engine: Engine, models: ReadModels | None = None, after: int = 0) -> 
     for event in stored_trading_events(engine, after=after):
         models.apply(event)
     models.take_dirty()
+    if not models.keep_finished:
+        models.forget_finished()
     return models
 
 def _continued(since: Ledger | None, engine: Engine) -> tuple[ReadModels, int, dict[str, None]] | None:
@@ -872,6 +977,8 @@ def compare_read_models(engine: Engine, models: ReadModels | None = None) -> lis
         for name, table in READ_MODELS.items():
             stored = _keyed(table, connection.execute(sa.select(table)).mappings())
             rebuilt = _keyed(table, models.rows(name))
+            if name in HISTORY and not models.keep_finished:    # live models: only the rows they still hold
+                stored = {key: row for key, row in stored.items() if key in rebuilt}
             for key in sorted(stored.keys() | rebuilt.keys(), key=str):
                 if stored.get(key) != rebuilt.get(key):
                     fields = sorted(k for k in (stored.get(key) or rebuilt.get(key))
@@ -880,9 +987,13 @@ def compare_read_models(engine: Engine, models: ReadModels | None = None) -> lis
                     differences.append(f"{name} {'/'.join(map(str, key))}: {what}")
     return differences
 
-def rebuild_read_models(engine: Engine) -> dict[str, int]:
-    "Rewrite every read-model table from the event store, in one transaction; returns rows per table."
-    models = replay(engine)
+def rebuild_read_models(engine: Engine, models: ReadModels | None = None) -> dict[str, int]:
+    "Rewrite every read-model table from the event store (or from `models`, a full replay), in one transaction."
+    with engine.connect() as connection:
+        through = _newest_sequence(connection)       # before the replay: the tables hold at least this much
+    models = models if models is not None else replay(engine)
+    if not models.keep_finished:
+        raise LedgerError("ledger: the tables are rewritten from a full replay, not from live models")
     counts = {}
     with engine.begin() as connection:
         for name, table in READ_MODELS.items():
@@ -891,4 +1002,87 @@ def rebuild_read_models(engine: Engine) -> dict[str, int]:
             if rows:
                 connection.execute(table.insert(), rows)
             counts[name] = len(rows)
+        connection.execute(_insert_ignoring_duplicates(connection, _WRITER, "name"), [{"name": "ledger"}])
+        connection.execute(_WRITER.update().where(_THE_LEDGER).values(
+            applied_through=through, parked_journeys=_sql_json(sorted(models.waiting)) if models.waiting else None))
     return counts
+
+# %% ../nbs/35_ledger.ipynb #c519ae43
+def open_read_models(engine: Engine) -> ReadModels:
+    "The ledger's live models, read from its tables; when they are behind the store, a replay (and the tables rewritten)."
+    with engine.connect() as connection:
+        marker = connection.execute(sa.select(_WRITER.c.applied_through, _WRITER.c.parked_journeys)
+                                    .where(_THE_LEDGER)).one_or_none()
+        newest = _newest_sequence(connection)
+    through, parked = marker if marker is not None else (None, None)
+    if newest is not None and through != newest:        # written before migration 0007, or a write cut short
+        models = replay(engine)
+        rebuild_read_models(engine, models)
+        models.keep_only_live()
+        return models
+    models = ReadModels(keep_finished=False)
+    with engine.connect() as connection:
+        open_intents = _take_up_tables(models, connection)
+    journeys = ReadModels()                               # the open intents' journeys, folded again from their events
+    for event in stored_trading_events(engine, journeys=[*open_intents, *msgspec.json.decode(parked or "[]")]):
+        journeys.apply(event)
+    models.journeys, models.waiting = journeys.journeys, journeys.waiting
+    for intent_id, row in journeys.intents.items():
+        if row["state"] in FINAL_STATES:                  # ended, its journey kept open by events waiting for a cause
+            models.ended[intent_id] = row
+            continue
+        models.intents[intent_id] = row
+        if intent_id in journeys.plans:
+            models.plans[intent_id] = journeys.plans[intent_id]
+        models.orders.update((key, journeys.orders[key]) for key in row["_orders"])
+        models.fills.update((key, journeys.fills[key]) for key in row["_fills"])
+    return models
+
+def _take_up_tables(models: ReadModels, connection: sa.Connection) -> list[str]:
+    "Fill `models` with the balances, positions, risk rows and rate slots the tables hold; the ids of open intents."
+    for row in connection.execute(sa.select(BALANCES)).mappings():
+        models.portfolio.balances[(row["venue"], row["asset"])] = Decimal(row["amount"])
+        models.balance_times[(row["venue"], row["asset"])] = as_utc(row["updated_at"])
+    for row in connection.execute(sa.select(POSITIONS)).mappings():
+        models.portfolio.positions[(row["venue"], row["symbol"])] = Position.from_row(
+            {k: v for k, v in row.items() if k != "updated_at"})
+        models.position_times[(row["venue"], row["symbol"])] = as_utc(row["updated_at"])
+    for table, (key, column) in RISK_COLUMNS.items():
+        for row in connection.execute(sa.select(READ_MODELS[table])).mappings():
+            getattr(models, table)[row[key]] = row[column]
+            models.risk_times[(table, row[key])] = as_utc(row["updated_at"])
+    newest_slot = connection.execute(sa.select(sa.func.max(INTENTS.c.rate_slot_at))).scalar()
+    if newest_slot is not None:
+        recent = INTENTS.c.rate_slot_at >= as_utc(newest_slot) - RATE_SLOT_HORIZON
+        for agent_id, taken in connection.execute(sa.select(INTENTS.c.agent_id, INTENTS.c.rate_slot_at)
+                                                  .where(recent).order_by(INTENTS.c.rate_slot_at)):
+            models.rate_slots.setdefault(agent_id, deque()).append(as_utc(taken))
+    final = [state.value for state in FINAL_STATES]
+    return list(connection.execute(sa.select(INTENTS.c.intent_id).where(INTENTS.c.state.not_in(final))).scalars())
+
+@patch
+def live_state(self: ReadModels) -> dict[str, Any]:
+    "What is live in the models, as stored rows by key and guards by journey: what opening from the tables must find."
+    open_intents = [i for i, row in self.intents.items() if row["state"] not in FINAL_STATES]
+    held = dict(intents=open_intents, plans=[i for i in open_intents if i in self.plans],
+                orders=[o for i in open_intents for o in self.intents[i]["_orders"]],
+                fills=[f for i in open_intents for f in self.intents[i]["_fills"]])
+    newest = max((slots[-1] for slots in self.rate_slots.values() if slots), default=None)
+    return dict(
+        **{name: _keyed(table, self.rows(name, held.get(name))) for name, table in READ_MODELS.items()},
+        rate_slots={agent: kept for agent, slots in self.rate_slots.items()
+                    if (kept := [t for t in slots if t >= newest - RATE_SLOT_HORIZON])},
+        journeys={intent_id: (sorted(journey.applied), sorted(e.event_id for waiting in journey.parked.values()
+                                                              for e in waiting))
+                  for intent_id, journey in self.journeys.items()},
+        waiting=sorted(self.waiting))
+
+def stored_intent(engine: Engine, intent_id: str) -> dict[str, Any] | None:
+    "An intent's row as its table keeps it, amounts as decimals and times in UTC (as the models hold it); None if none."
+    with engine.connect() as connection:
+        row = connection.execute(sa.select(INTENTS).where(INTENTS.c.intent_id == intent_id)).mappings().one_or_none()
+    if row is None:
+        return None
+    return {k: (Decimal(v) if v is not None and INTENTS.c[k].type is _amount else
+                as_utc(v) if isinstance(v, datetime) else v) for k, v in row.items()}
+
