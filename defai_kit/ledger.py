@@ -40,8 +40,8 @@ from .store import EventRecord, StoreError, _insert_ignoring_duplicates, as_utc
 __all__ = ['INTENTS', 'PLANS', 'ORDERS', 'FILLS', 'BALANCES', 'POSITIONS', 'RISK_MEMORY', 'RISK_ACCOUNTS', 'READ_MODELS',
            'HISTORY', 'LEDGER_TOPICS', 'LEDGER_SUBSCRIPTIONS', 'ENDED_KEPT', 'RATE_SLOT_HORIZON', 'RISK_COLUMNS',
            'WRITER_LEASE_SECONDS', 'WRITER_WAIT_SECONDS', 'LedgerError', 'LeaseLost', 'ReadModels', 'WriterLease',
-           'Ledger', 'stored_trading_events', 'replay', 'compare_read_models', 'rebuild_read_models',
-           'open_read_models', 'stored_intent']
+           'stored_trading_events', 'replay', 'compare_read_models', 'rebuild_read_models', 'open_read_models',
+           'stored_intent', 'Ledger']
 
 # %% ../nbs/35_ledger.ipynb #c6c4794e
 class LedgerError(DefaiError):
@@ -659,6 +659,193 @@ class WriterLease:
             connection.execute(_WRITER.update().where(_THE_LEDGER, _WRITER.c.holder == self.holder)
                                .values(holder=None, expires_at=None))
 
+# %% ../nbs/35_ledger.ipynb #4c907083
+_STORED_EVENTS = ("SELECT event_id, timestamp, topic, correlation_id, causation_id, {payload}, version, sequence "
+                  "FROM events WHERE sequence > {mark}{journeys} ORDER BY sequence LIMIT {mark}")
+
+def _stored_events(engine: Engine, batch: int, after: int, journeys: list[str]) -> Iterable[EventEnvelope]:
+    sqlite = engine.dialect.name == "sqlite"     # SQLite hands back what the kit wrote: UTC wall time, JSON text
+    mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+    query = _STORED_EVENTS.format(mark=mark, payload="payload" if sqlite else "payload::text",   # msgspec decodes it
+                                  journeys=f" AND correlation_id IN ({', '.join([mark] * len(journeys))})" if journeys
+                                  else "")
+    filled, utc, decode = EventEnvelope._filled, timezone.utc, msgspec.json.decode
+    while True:
+        with engine.connect() as connection:       # the driver's rows as they are: a replay reads every event
+            rows = connection.exec_driver_sql(query, (after, *journeys, batch)).all()
+        for event_id, moment, topic, correlation_id, causation_id, payload, version, _ in rows:
+            moment = datetime.fromisoformat(moment).replace(tzinfo=utc) if sqlite else as_utc(moment)
+            yield filled({"event_id": event_id, "timestamp": moment, "topic": topic, "correlation_id": correlation_id,
+                          "causation_id": causation_id, "payload": decode(payload) if payload is not None else None,
+                          "version": version})
+        if len(rows) < batch:
+            return
+        after = rows[-1][-1]
+
+def stored_trading_events(engine: Engine, batch: int = 20_000, after: int = 0,
+                          journeys: Iterable[str] | None = None) -> Iterable[EventEnvelope]:
+    "The events the ledger applied, in its order (numbered after `after`; of `journeys` only, each in order), in batches."
+    if journeys is None:
+        yield from _stored_events(engine, batch, after, [])
+        return
+    ids = sorted(set(journeys))
+    for start in range(0, len(ids), 500):
+        yield from _stored_events(engine, batch, after, ids[start:start + 500])
+
+def _newest_sequence(connection: sa.Connection) -> int | None:
+    return connection.execute(sa.select(sa.func.max(EventRecord.__table__.c.sequence))).scalar()
+
+def replay(engine: Engine, models: ReadModels | None = None, after: int = 0) -> ReadModels:
+    "Read models rebuilt from the event store alone; or `models`, holding its events up to `after`, brought up to date."
+    if models is None:
+        models = ReadModels()
+        models._log = get_logger("ledger.replay")
+    for event in stored_trading_events(engine, after=after):
+        models.apply(event)
+    models.take_dirty()
+    if not models.keep_finished:
+        models.forget_finished()
+    return models
+
+def _continued(since: Ledger | None, engine: Engine) -> tuple[ReadModels, int, dict[str, None]] | None:
+    "`since`'s models, the last number they hold and its remembered ids, if they can go on (closed, all on disk)."
+    if (since is None or not since.closed or since.handed_on or since.committed != since.sequence - 1
+            or since.engine.url != engine.url):
+        return None
+    table = EventRecord.__table__
+    with engine.connect() as connection:                  # the store was not reset or rebuilt since
+        there = connection.execute(sa.select(table.c.event_id).where(table.c.sequence == since.committed)).scalar()
+    if there != since.last_event_id:
+        return None
+    since.models.observers = []                           # the closed ledger's components are gone
+    since.handed_on = True                                # once: the next ledger moves them on
+    return since.models, since.committed, since._seen
+
+def _comparable(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (as_utc(v) if isinstance(v, datetime) else v) for k, v in row.items()}
+
+def _keyed(table: sa.Table, rows: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    keys = [c.name for c in table.primary_key.columns]
+    return {tuple(row[k] for k in keys): _comparable(row) for row in rows}
+
+def compare_read_models(engine: Engine, models: ReadModels | None = None) -> list[str]:
+    "Every difference between the stored read models and `models` (default: a replay); empty when equal."
+    models = models if models is not None else replay(engine)
+    differences = []
+    with engine.connect() as connection:
+        for name, table in READ_MODELS.items():
+            stored = _keyed(table, connection.execute(sa.select(table)).mappings())
+            rebuilt = _keyed(table, models.rows(name))
+            if name in HISTORY and not models.keep_finished:    # live models: only the rows they still hold
+                stored = {key: row for key, row in stored.items() if key in rebuilt}
+            for key in sorted(stored.keys() | rebuilt.keys(), key=str):
+                if stored.get(key) != rebuilt.get(key):
+                    fields = sorted(k for k in (stored.get(key) or rebuilt.get(key))
+                                    if (stored.get(key) or {}).get(k) != (rebuilt.get(key) or {}).get(k))
+                    what = "missing" if key not in stored else "extra" if key not in rebuilt else ", ".join(fields)
+                    differences.append(f"{name} {'/'.join(map(str, key))}: {what}")
+    return differences
+
+def rebuild_read_models(engine: Engine, models: ReadModels | None = None) -> dict[str, int]:
+    "Rewrite every read-model table from the event store (or from `models`, a full replay), in one transaction."
+    with engine.connect() as connection:
+        through = _newest_sequence(connection)       # before the replay: the tables hold at least this much
+    models = models if models is not None else replay(engine)
+    if not models.keep_finished:
+        raise LedgerError("ledger: the tables are rewritten from a full replay, not from live models")
+    counts = {}
+    with engine.begin() as connection:
+        for name, table in READ_MODELS.items():
+            connection.execute(table.delete())
+            rows = models.rows(name)
+            if rows:
+                connection.execute(table.insert(), rows)
+            counts[name] = len(rows)
+        connection.execute(_insert_ignoring_duplicates(connection, _WRITER, "name"), [{"name": "ledger"}])
+        connection.execute(_WRITER.update().where(_THE_LEDGER).values(
+            applied_through=through, parked_journeys=_sql_json(sorted(models.waiting)) if models.waiting else None))
+    return counts
+
+# %% ../nbs/35_ledger.ipynb #c519ae43
+def open_read_models(engine: Engine) -> ReadModels:
+    "The ledger's live models, read from its tables; when they are behind the store, a replay (and the tables rewritten)."
+    with engine.connect() as connection:
+        marker = connection.execute(sa.select(_WRITER.c.applied_through, _WRITER.c.parked_journeys)
+                                    .where(_THE_LEDGER)).one_or_none()
+        newest = _newest_sequence(connection)
+    through, parked = marker if marker is not None else (None, None)
+    if newest is not None and through != newest:        # written before migration 0007, or a write cut short
+        models = replay(engine)
+        rebuild_read_models(engine, models)
+        models.keep_only_live()
+        return models
+    models = ReadModels(keep_finished=False)
+    with engine.connect() as connection:
+        open_intents = _take_up_tables(models, connection)
+    journeys = ReadModels()                               # the open intents' journeys, folded again from their events
+    for event in stored_trading_events(engine, journeys=[*open_intents, *msgspec.json.decode(parked or "[]")]):
+        journeys.apply(event)
+    models.journeys, models.waiting = journeys.journeys, journeys.waiting
+    for intent_id, row in journeys.intents.items():
+        if row["state"] in FINAL_STATES:                  # ended, its journey kept open by events waiting for a cause
+            models.ended[intent_id] = row
+            continue
+        models.intents[intent_id] = row
+        if intent_id in journeys.plans:
+            models.plans[intent_id] = journeys.plans[intent_id]
+        models.orders.update((key, journeys.orders[key]) for key in row["_orders"])
+        models.fills.update((key, journeys.fills[key]) for key in row["_fills"])
+    return models
+
+def _take_up_tables(models: ReadModels, connection: sa.Connection) -> list[str]:
+    "Fill `models` with the balances, positions, risk rows and rate slots the tables hold; the ids of open intents."
+    for row in connection.execute(sa.select(BALANCES)).mappings():
+        models.portfolio.balances[(row["venue"], row["asset"])] = Decimal(row["amount"])
+        models.balance_times[(row["venue"], row["asset"])] = as_utc(row["updated_at"])
+    for row in connection.execute(sa.select(POSITIONS)).mappings():
+        models.portfolio.positions[(row["venue"], row["symbol"])] = Position.from_row(
+            {k: v for k, v in row.items() if k != "updated_at"})
+        models.position_times[(row["venue"], row["symbol"])] = as_utc(row["updated_at"])
+    for table, (key, column) in RISK_COLUMNS.items():
+        for row in connection.execute(sa.select(READ_MODELS[table])).mappings():
+            getattr(models, table)[row[key]] = row[column]
+            models.risk_times[(table, row[key])] = as_utc(row["updated_at"])
+    newest_slot = connection.execute(sa.select(sa.func.max(INTENTS.c.rate_slot_at))).scalar()
+    if newest_slot is not None:
+        recent = INTENTS.c.rate_slot_at >= as_utc(newest_slot) - RATE_SLOT_HORIZON
+        for agent_id, taken in connection.execute(sa.select(INTENTS.c.agent_id, INTENTS.c.rate_slot_at)
+                                                  .where(recent).order_by(INTENTS.c.rate_slot_at)):
+            models.rate_slots.setdefault(agent_id, deque()).append(as_utc(taken))
+    final = [state.value for state in FINAL_STATES]
+    return list(connection.execute(sa.select(INTENTS.c.intent_id).where(INTENTS.c.state.not_in(final))).scalars())
+
+@patch
+def live_state(self: ReadModels) -> dict[str, Any]:
+    "What is live in the models, as stored rows by key and guards by journey: what opening from the tables must find."
+    open_intents = [i for i, row in self.intents.items() if row["state"] not in FINAL_STATES]
+    held = dict(intents=open_intents, plans=[i for i in open_intents if i in self.plans],
+                orders=[o for i in open_intents for o in self.intents[i]["_orders"]],
+                fills=[f for i in open_intents for f in self.intents[i]["_fills"]])
+    newest = max((slots[-1] for slots in self.rate_slots.values() if slots), default=None)
+    return dict(
+        **{name: _keyed(table, self.rows(name, held.get(name))) for name, table in READ_MODELS.items()},
+        rate_slots={agent: kept for agent, slots in self.rate_slots.items()
+                    if (kept := [t for t in slots if t >= newest - RATE_SLOT_HORIZON])},
+        journeys={intent_id: (sorted(journey.applied), sorted(e.event_id for waiting in journey.parked.values()
+                                                              for e in waiting))
+                  for intent_id, journey in self.journeys.items()},
+        waiting=sorted(self.waiting))
+
+def stored_intent(engine: Engine, intent_id: str) -> dict[str, Any] | None:
+    "An intent's row as its table keeps it, amounts as decimals and times in UTC (as the models hold it); None if none."
+    with engine.connect() as connection:
+        row = connection.execute(sa.select(INTENTS).where(INTENTS.c.intent_id == intent_id)).mappings().one_or_none()
+    if row is None:
+        return None
+    return {k: (Decimal(v) if v is not None and INTENTS.c[k].type is _amount else
+                as_utc(v) if isinstance(v, datetime) else v) for k, v in row.items()}
+
+
 # %% ../nbs/35_ledger.ipynb #e6828e10
 class Ledger:
     "The single writer of trading events and read models."
@@ -667,7 +854,7 @@ class Ledger:
                  lease: WriterLease | None = None, seen: dict[str, None] | None = None):
         self.engine = engine
         self.lease = lease if lease is not None else WriterLease.take(engine)   # before anything is read
-        self.models = models if models is not None else ReadModels(keep_finished=False)
+        self.models = models if models is not None else open_read_models(engine)   # what the store holds live
         self.models.lookup_ended = partial(_stored_state, engine)
         self.sequence = _next_sequence(engine)
         self.committed = self.sequence - 1                   # the highest sequence number known to be on disk
@@ -899,190 +1086,3 @@ def _keep_lease(self: Ledger) -> None:
 def _lease_renewed(self: Ledger, renewal: Any) -> None:
     if renewal.exception() is not None:
         self._log.error("writer lease not renewed", error=str(renewal.exception()))
-
-# %% ../nbs/35_ledger.ipynb #4c907083
-_STORED_EVENTS = ("SELECT event_id, timestamp, topic, correlation_id, causation_id, {payload}, version, sequence "
-                  "FROM events WHERE sequence > {mark}{journeys} ORDER BY sequence LIMIT {mark}")
-
-def _stored_events(engine: Engine, batch: int, after: int, journeys: list[str]) -> Iterable[EventEnvelope]:
-    sqlite = engine.dialect.name == "sqlite"     # SQLite hands back what the kit wrote: UTC wall time, JSON text
-    mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
-    query = _STORED_EVENTS.format(mark=mark, payload="payload" if sqlite else "payload::text",   # msgspec decodes it
-                                  journeys=f" AND correlation_id IN ({', '.join([mark] * len(journeys))})" if journeys
-                                  else "")
-    filled, utc, decode = EventEnvelope._filled, timezone.utc, msgspec.json.decode
-    while True:
-        with engine.connect() as connection:       # the driver's rows as they are: a replay reads every event
-            rows = connection.exec_driver_sql(query, (after, *journeys, batch)).all()
-        for event_id, moment, topic, correlation_id, causation_id, payload, version, _ in rows:
-            moment = datetime.fromisoformat(moment).replace(tzinfo=utc) if sqlite else as_utc(moment)
-            yield filled({"event_id": event_id, "timestamp": moment, "topic": topic, "correlation_id": correlation_id,
-                          "causation_id": causation_id, "payload": decode(payload) if payload is not None else None,
-                          "version": version})
-        if len(rows) < batch:
-            return
-        after = rows[-1][-1]
-
-def stored_trading_events(engine: Engine, batch: int = 20_000, after: int = 0,
-                          journeys: Iterable[str] | None = None) -> Iterable[EventEnvelope]:
-    "The events the ledger applied, in its order (numbered after `after`; of `journeys` only, each in order), in batches."
-    if journeys is None:
-        yield from _stored_events(engine, batch, after, [])
-        return
-    ids = sorted(set(journeys))
-    for start in range(0, len(ids), 500):
-        yield from _stored_events(engine, batch, after, ids[start:start + 500])
-
-def _newest_sequence(connection: sa.Connection) -> int | None:
-    return connection.execute(sa.select(sa.func.max(EventRecord.__table__.c.sequence))).scalar()
-
-def replay(engine: Engine, models: ReadModels | None = None, after: int = 0) -> ReadModels:
-    "Read models rebuilt from the event store alone; or `models`, holding its events up to `after`, brought up to date."
-    if models is None:
-        models = ReadModels()
-        models._log = get_logger("ledger.replay")
-    for event in stored_trading_events(engine, after=after):
-        models.apply(event)
-    models.take_dirty()
-    if not models.keep_finished:
-        models.forget_finished()
-    return models
-
-def _continued(since: Ledger | None, engine: Engine) -> tuple[ReadModels, int, dict[str, None]] | None:
-    "`since`'s models, the last number they hold and its remembered ids, if they can go on (closed, all on disk)."
-    if (since is None or not since.closed or since.handed_on or since.committed != since.sequence - 1
-            or since.engine.url != engine.url):
-        return None
-    table = EventRecord.__table__
-    with engine.connect() as connection:                  # the store was not reset or rebuilt since
-        there = connection.execute(sa.select(table.c.event_id).where(table.c.sequence == since.committed)).scalar()
-    if there != since.last_event_id:
-        return None
-    since.models.observers = []                           # the closed ledger's components are gone
-    since.handed_on = True                                # once: the next ledger moves them on
-    return since.models, since.committed, since._seen
-
-def _comparable(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: (as_utc(v) if isinstance(v, datetime) else v) for k, v in row.items()}
-
-def _keyed(table: sa.Table, rows: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[str, Any]]:
-    keys = [c.name for c in table.primary_key.columns]
-    return {tuple(row[k] for k in keys): _comparable(row) for row in rows}
-
-def compare_read_models(engine: Engine, models: ReadModels | None = None) -> list[str]:
-    "Every difference between the stored read models and `models` (default: a replay); empty when equal."
-    models = models if models is not None else replay(engine)
-    differences = []
-    with engine.connect() as connection:
-        for name, table in READ_MODELS.items():
-            stored = _keyed(table, connection.execute(sa.select(table)).mappings())
-            rebuilt = _keyed(table, models.rows(name))
-            if name in HISTORY and not models.keep_finished:    # live models: only the rows they still hold
-                stored = {key: row for key, row in stored.items() if key in rebuilt}
-            for key in sorted(stored.keys() | rebuilt.keys(), key=str):
-                if stored.get(key) != rebuilt.get(key):
-                    fields = sorted(k for k in (stored.get(key) or rebuilt.get(key))
-                                    if (stored.get(key) or {}).get(k) != (rebuilt.get(key) or {}).get(k))
-                    what = "missing" if key not in stored else "extra" if key not in rebuilt else ", ".join(fields)
-                    differences.append(f"{name} {'/'.join(map(str, key))}: {what}")
-    return differences
-
-def rebuild_read_models(engine: Engine, models: ReadModels | None = None) -> dict[str, int]:
-    "Rewrite every read-model table from the event store (or from `models`, a full replay), in one transaction."
-    with engine.connect() as connection:
-        through = _newest_sequence(connection)       # before the replay: the tables hold at least this much
-    models = models if models is not None else replay(engine)
-    if not models.keep_finished:
-        raise LedgerError("ledger: the tables are rewritten from a full replay, not from live models")
-    counts = {}
-    with engine.begin() as connection:
-        for name, table in READ_MODELS.items():
-            connection.execute(table.delete())
-            rows = models.rows(name)
-            if rows:
-                connection.execute(table.insert(), rows)
-            counts[name] = len(rows)
-        connection.execute(_insert_ignoring_duplicates(connection, _WRITER, "name"), [{"name": "ledger"}])
-        connection.execute(_WRITER.update().where(_THE_LEDGER).values(
-            applied_through=through, parked_journeys=_sql_json(sorted(models.waiting)) if models.waiting else None))
-    return counts
-
-# %% ../nbs/35_ledger.ipynb #c519ae43
-def open_read_models(engine: Engine) -> ReadModels:
-    "The ledger's live models, read from its tables; when they are behind the store, a replay (and the tables rewritten)."
-    with engine.connect() as connection:
-        marker = connection.execute(sa.select(_WRITER.c.applied_through, _WRITER.c.parked_journeys)
-                                    .where(_THE_LEDGER)).one_or_none()
-        newest = _newest_sequence(connection)
-    through, parked = marker if marker is not None else (None, None)
-    if newest is not None and through != newest:        # written before migration 0007, or a write cut short
-        models = replay(engine)
-        rebuild_read_models(engine, models)
-        models.keep_only_live()
-        return models
-    models = ReadModels(keep_finished=False)
-    with engine.connect() as connection:
-        open_intents = _take_up_tables(models, connection)
-    journeys = ReadModels()                               # the open intents' journeys, folded again from their events
-    for event in stored_trading_events(engine, journeys=[*open_intents, *msgspec.json.decode(parked or "[]")]):
-        journeys.apply(event)
-    models.journeys, models.waiting = journeys.journeys, journeys.waiting
-    for intent_id, row in journeys.intents.items():
-        if row["state"] in FINAL_STATES:                  # ended, its journey kept open by events waiting for a cause
-            models.ended[intent_id] = row
-            continue
-        models.intents[intent_id] = row
-        if intent_id in journeys.plans:
-            models.plans[intent_id] = journeys.plans[intent_id]
-        models.orders.update((key, journeys.orders[key]) for key in row["_orders"])
-        models.fills.update((key, journeys.fills[key]) for key in row["_fills"])
-    return models
-
-def _take_up_tables(models: ReadModels, connection: sa.Connection) -> list[str]:
-    "Fill `models` with the balances, positions, risk rows and rate slots the tables hold; the ids of open intents."
-    for row in connection.execute(sa.select(BALANCES)).mappings():
-        models.portfolio.balances[(row["venue"], row["asset"])] = Decimal(row["amount"])
-        models.balance_times[(row["venue"], row["asset"])] = as_utc(row["updated_at"])
-    for row in connection.execute(sa.select(POSITIONS)).mappings():
-        models.portfolio.positions[(row["venue"], row["symbol"])] = Position.from_row(
-            {k: v for k, v in row.items() if k != "updated_at"})
-        models.position_times[(row["venue"], row["symbol"])] = as_utc(row["updated_at"])
-    for table, (key, column) in RISK_COLUMNS.items():
-        for row in connection.execute(sa.select(READ_MODELS[table])).mappings():
-            getattr(models, table)[row[key]] = row[column]
-            models.risk_times[(table, row[key])] = as_utc(row["updated_at"])
-    newest_slot = connection.execute(sa.select(sa.func.max(INTENTS.c.rate_slot_at))).scalar()
-    if newest_slot is not None:
-        recent = INTENTS.c.rate_slot_at >= as_utc(newest_slot) - RATE_SLOT_HORIZON
-        for agent_id, taken in connection.execute(sa.select(INTENTS.c.agent_id, INTENTS.c.rate_slot_at)
-                                                  .where(recent).order_by(INTENTS.c.rate_slot_at)):
-            models.rate_slots.setdefault(agent_id, deque()).append(as_utc(taken))
-    final = [state.value for state in FINAL_STATES]
-    return list(connection.execute(sa.select(INTENTS.c.intent_id).where(INTENTS.c.state.not_in(final))).scalars())
-
-@patch
-def live_state(self: ReadModels) -> dict[str, Any]:
-    "What is live in the models, as stored rows by key and guards by journey: what opening from the tables must find."
-    open_intents = [i for i, row in self.intents.items() if row["state"] not in FINAL_STATES]
-    held = dict(intents=open_intents, plans=[i for i in open_intents if i in self.plans],
-                orders=[o for i in open_intents for o in self.intents[i]["_orders"]],
-                fills=[f for i in open_intents for f in self.intents[i]["_fills"]])
-    newest = max((slots[-1] for slots in self.rate_slots.values() if slots), default=None)
-    return dict(
-        **{name: _keyed(table, self.rows(name, held.get(name))) for name, table in READ_MODELS.items()},
-        rate_slots={agent: kept for agent, slots in self.rate_slots.items()
-                    if (kept := [t for t in slots if t >= newest - RATE_SLOT_HORIZON])},
-        journeys={intent_id: (sorted(journey.applied), sorted(e.event_id for waiting in journey.parked.values()
-                                                              for e in waiting))
-                  for intent_id, journey in self.journeys.items()},
-        waiting=sorted(self.waiting))
-
-def stored_intent(engine: Engine, intent_id: str) -> dict[str, Any] | None:
-    "An intent's row as its table keeps it, amounts as decimals and times in UTC (as the models hold it); None if none."
-    with engine.connect() as connection:
-        row = connection.execute(sa.select(INTENTS).where(INTENTS.c.intent_id == intent_id)).mappings().one_or_none()
-    if row is None:
-        return None
-    return {k: (Decimal(v) if v is not None and INTENTS.c[k].type is _amount else
-                as_utc(v) if isinstance(v, datetime) else v) for k, v in row.items()}
-
