@@ -139,7 +139,8 @@ class ReadModels:
         self.waiting: set[str] = set()                     # journeys with events parked, waiting for their cause
         self.keep_finished = keep_finished
         self.finished: list[str] = []                      # intents ended since `forget_finished` (if not kept)
-        self.ended: dict[str, dict[str, Any]] = {}         # the last ENDED_KEPT forgotten intents' rows
+        self.ended: dict[str, dict[str, Any]] = {}         # the last `ended_kept` forgotten intents' rows
+        self.ended_kept = ENDED_KEPT
         self.lookup_ended: Callable[[str], str | None] | None = None   # a forgotten intent's state, from its table
         self.dirty: dict[str, set] = {name: set() for name in READ_MODELS}
         self.counts = dict(applied=0, parked=0, refused=0)
@@ -228,7 +229,7 @@ class ReadModels:
             for key in row["_fills"]:
                 self.fills.pop(key, None)
             self.ended[intent_id] = row
-            if len(self.ended) > ENDED_KEPT:
+            if len(self.ended) > self.ended_kept:
                 del self.ended[next(iter(self.ended))]
         self.finished = []
 
