@@ -1,7 +1,6 @@
 """The execution core on each backend (SQLite and a real PostgreSQL server on 127.0.0.1): the whole flow on paper,
 replay equal to live (its raw reading of the store equal to the checked one), a ledger opening from its tables
-equal to both (and an old store replayed once), and a duplicated delivery that
-changes nothing."""
+equal to both (and an old store replayed once), and a duplicated delivery that changes nothing."""
 from __future__ import annotations
 
 import asyncio
