@@ -141,7 +141,7 @@ class ReadModels:
         self.finished: list[str] = []                      # intents ended since `forget_finished` (if not kept)
         self.ended: dict[str, dict[str, Any]] = {}         # the last `ended_kept` forgotten intents' rows
         self.ended_kept = ENDED_KEPT
-        self.lookup_ended: Callable[[str], str | None] | None = None   # a forgotten intent's state, from its table
+        self.lookup_ended: Callable[[str], dict | None] | None = None   # a forgotten intent's row, from its table
         self.dirty: dict[str, set] = {name: set() for name in READ_MODELS}
         self.counts = dict(applied=0, parked=0, refused=0)
         self.refusals: list[tuple[str, str, str]] = []    # (event_id, topic, why), the most recent few
@@ -197,9 +197,8 @@ class ReadModels:
         "The state of an intent that ended (held, forgotten lately, or long ago: its table says); None if it has not."
         row = self.intents.get(intent_id) or self.ended.get(intent_id)
         if row is None and self.lookup_ended is not None:   # a rare path: an event no journey here expects
-            state = self.lookup_ended(intent_id)
-            return state if state in FINAL_STATES else None
-        return row["state"] if row is not None else None
+            row = self.lookup_ended(intent_id)
+        return row["state"] if row is not None and row["state"] in FINAL_STATES else None
 
     def _refuse(self, event: EventEnvelope, why: str) -> list[EventEnvelope]:
         self.counts["refused"] += 1
@@ -559,14 +558,9 @@ class _Statements:
                 connection.exec_driver_sql(self.upserts[table][0], rows)
         return inserted
 
-def _next_sequence(engine: Engine) -> int:
-    with engine.connect() as connection:
-        return (connection.execute(sa.select(sa.func.max(EventRecord.__table__.c.sequence))).scalar() or 0) + 1
-
-def _stored_state(engine: Engine, intent_id: str) -> str | None:
-    "The state the intents table holds for `intent_id`; None if it holds none."
-    with engine.connect() as connection:
-        return connection.execute(sa.select(INTENTS.c.state).where(INTENTS.c.intent_id == intent_id)).scalar()
+def _newest_sequence(connection: sa.Connection) -> int | None:
+    "The highest number the ledger gave an event in this store; None before the first."
+    return connection.execute(sa.select(sa.func.max(EventRecord.__table__.c.sequence))).scalar()
 
 def _recent_event_ids(engine: Engine, count: int, after: int | None = None) -> list[str]:
     "The ids of the last `count` events the ledger numbered (after number `after`), in its order."
@@ -692,9 +686,6 @@ def stored_trading_events(engine: Engine, batch: int = 20_000, after: int = 0,
     ids = sorted(set(journeys))
     for start in range(0, len(ids), 500):
         yield from _stored_events(engine, batch, after, ids[start:start + 500])
-
-def _newest_sequence(connection: sa.Connection) -> int | None:
-    return connection.execute(sa.select(sa.func.max(EventRecord.__table__.c.sequence))).scalar()
 
 def replay(engine: Engine, models: ReadModels | None = None, after: int = 0) -> ReadModels:
     "Read models rebuilt from the event store alone; or `models`, holding its events up to `after`, brought up to date."
@@ -856,8 +847,9 @@ class Ledger:
         self.engine = engine
         self.lease = lease if lease is not None else WriterLease.take(engine)   # before anything is read
         self.models = models if models is not None else open_read_models(engine)   # what the store holds live
-        self.models.lookup_ended = partial(_stored_state, engine)
-        self.sequence = _next_sequence(engine)
+        self.models.lookup_ended = partial(stored_intent, engine)
+        with engine.connect() as connection:
+            self.sequence = (_newest_sequence(connection) or 0) + 1
         self.committed = self.sequence - 1                   # the highest sequence number known to be on disk
         self.stored = self.duplicates = self.batches = 0
         self.window = window
@@ -884,7 +876,7 @@ class Ledger:
         try:
             continued = _continued(since, engine)            # `since`'s models and remembered ids, if they can go on
             if continued is None:
-                return cls(engine, open_read_models(engine), lease=lease)
+                return cls(engine, lease=lease)              # its models read from the tables
             models, after, seen = continued
             seen.update(dict.fromkeys(_recent_event_ids(engine, since.window, after)))
             ledger = cls(engine, replay(engine, models, after), lease=lease, window=since.window, seen=seen)
