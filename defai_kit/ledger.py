@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from functools import partial
+from itertools import chain
 from operator import itemgetter
 from typing import Any, Callable, Iterable, Mapping
 
@@ -37,11 +38,11 @@ from .settings import DefaiError
 from .store import EventRecord, StoreError, _insert_ignoring_duplicates, as_utc
 
 # %% auto #0
-__all__ = ['INTENTS', 'PLANS', 'ORDERS', 'FILLS', 'BALANCES', 'POSITIONS', 'RISK_MEMORY', 'RISK_ACCOUNTS', 'READ_MODELS',
-           'HISTORY', 'LEDGER_TOPICS', 'LEDGER_SUBSCRIPTIONS', 'ENDED_KEPT', 'RATE_SLOT_HORIZON', 'RISK_COLUMNS',
-           'WRITER_LEASE_SECONDS', 'WRITER_WAIT_SECONDS', 'LedgerError', 'LeaseLost', 'ReadModels', 'WriterLease',
-           'stored_trading_events', 'replay', 'compare_read_models', 'rebuild_read_models', 'open_read_models',
-           'stored_intent', 'Ledger']
+__all__ = ['INTENTS', 'PLANS', 'ORDERS', 'FILLS', 'BALANCES', 'POSITIONS', 'POSITION_LOTS', 'RISK_MEMORY', 'RISK_ACCOUNTS',
+           'READ_MODELS', 'HISTORY', 'CLOSED_GO', 'LEDGER_TOPICS', 'LEDGER_SUBSCRIPTIONS', 'ENDED_KEPT',
+           'RATE_SLOT_HORIZON', 'RISK_COLUMNS', 'WRITER_LEASE_SECONDS', 'WRITER_WAIT_SECONDS', 'LedgerError',
+           'LeaseLost', 'ReadModels', 'WriterLease', 'stored_trading_events', 'replay', 'compare_read_models',
+           'rebuild_read_models', 'open_read_models', 'stored_intent', 'Ledger']
 
 # %% ../nbs/35_ledger.ipynb #c6c4794e
 class LedgerError(DefaiError):
@@ -86,7 +87,10 @@ BALANCES = _table("balances", sa.Column("venue", sa.String(128), primary_key=Tru
 POSITIONS = _table("positions", sa.Column("venue", sa.String(128), primary_key=True),
     sa.Column("symbol", sa.String(32), primary_key=True), sa.Column("quantity", _amount),
     sa.Column("average_cost", _amount), sa.Column("realized_pnl", _amount), sa.Column("fifo_realized_pnl", _amount),
-    sa.Column("fees", _amount), sa.Column("lots", _json), sa.Column("updated_at", _time))
+    sa.Column("fees", _amount), sa.Column("lots_opened", sa.Integer), sa.Column("updated_at", _time))
+POSITION_LOTS = _table("position_lots", sa.Column("venue", sa.String(128), primary_key=True),
+    sa.Column("symbol", sa.String(32), primary_key=True), sa.Column("lot", sa.Integer, primary_key=True),
+    sa.Column("quantity", _amount), sa.Column("price", _amount))
 
 RISK_MEMORY = _table("risk_memory", sa.Column("agent_id", sa.String(64), primary_key=True),
     sa.Column("memory", _json), sa.Column("updated_at", _time))
@@ -94,8 +98,9 @@ RISK_ACCOUNTS = _table("risk_accounts", sa.Column("venue", sa.String(128), prima
     sa.Column("account", _json), sa.Column("updated_at", _time))
 
 READ_MODELS: dict[str, sa.Table] = {t.name: t for t in (INTENTS, PLANS, ORDERS, FILLS, BALANCES, POSITIONS,
-                                                         RISK_MEMORY, RISK_ACCOUNTS)}
+                                                         POSITION_LOTS, RISK_MEMORY, RISK_ACCOUNTS)}
 HISTORY = ("intents", "plans", "orders", "fills")   # tables that keep every intent; the rest hold only what is now
+CLOSED_GO = ("position_lots",)                      # tables whose rows are deleted when what they hold closes
 LEDGER_TOPICS = ("intent.>", "risk.>", "plan.>", "exec.>", "account.>")
 LEDGER_SUBSCRIPTIONS = {pattern: f"ledger:{pattern}" for pattern in LEDGER_TOPICS}   # durable names over NATS
 
@@ -380,7 +385,13 @@ def _exec_step_filled(self: ReadModels, event: EventEnvelope, row: dict) -> None
         if state == "filled" and planned["state"] != "filled":
             plan["steps_done"] += 1
         planned["state"] = state
-    self.portfolio.apply_fill(venue, fill["symbol"], fill["side"], quantity, price, fee, fill["fee_asset"])
+    held = self.portfolio.positions.get((venue, fill["symbol"]))
+    first, opened = (held.first_lot, held.lots_opened) if held is not None else (1, 0)
+    reducing = held is not None and held.lots and (held.lots[0][0] > 0) != (fill["side"] == "buy")
+    position = self.portfolio.apply_fill(venue, fill["symbol"], fill["side"], quantity, price, fee, fill["fee_asset"])
+    cut = range(first, min(position.first_lot, opened) + 1) if reducing else ()   # the lots it closed or cut
+    self.dirty["position_lots"].update((venue, fill["symbol"], lot)
+                                       for lot in chain(cut, range(opened + 1, position.lots_opened + 1)))
     base, quote = fill["symbol"].split("/")
     for asset in {base, quote, fill["fee_asset"]}:
         self.balance_times[(venue, asset)] = event.timestamp
@@ -446,6 +457,16 @@ def rows(self: ReadModels, table: str, keys: Iterable | None = None) -> list[dic
         keys = portfolio.balances if keys is None else keys
         return [dict(venue=v, asset=a, amount=str(portfolio.balances[(v, a)]),
                      updated_at=self.balance_times[(v, a)]) for v, a in keys]
+    if table == "position_lots":                   # the open lots with `keys`: a key whose lot is closed has no row
+        keys = ((v, s, p.first_lot + i) for (v, s), p in portfolio.positions.items()
+                for i in range(len(p.lots))) if keys is None else keys
+        rows = []
+        for venue, symbol, lot in keys:
+            position = portfolio.positions[(venue, symbol)]
+            if 0 <= (index := lot - position.first_lot) < len(position.lots):
+                quantity, price = position.lots[index]
+                rows.append(dict(venue=venue, symbol=symbol, lot=lot, quantity=str(quantity), price=str(price)))
+        return rows
     keys = portfolio.positions if keys is None else keys
     rows = []
     for venue, symbol in keys:
@@ -453,8 +474,7 @@ def rows(self: ReadModels, table: str, keys: Iterable | None = None) -> list[dic
         rows.append(dict(venue=venue, symbol=symbol, quantity=str(position.quantity),
                          average_cost=str(position.average_cost), realized_pnl=str(position.realized_pnl),
                          fifo_realized_pnl=str(position.fifo_realized_pnl), fees=str(position.fees),
-                         lots=[[str(q), str(p)] for q, p in position.lots],
-                         updated_at=self.position_times[(venue, symbol)]))
+                         lots_opened=position.lots_opened, updated_at=self.position_times[(venue, symbol)]))
     return rows
 
 @patch
@@ -503,6 +523,7 @@ class _Statements:
         self.insert_events = (f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)}) VALUES ({', '.join(marks)}) "
                               "ON CONFLICT (event_id) DO NOTHING")
         self.upserts: dict[str, tuple[str, Callable[[Mapping[str, Any]], tuple]]] = {}
+        self.deletes: dict[str, tuple[str, Callable[[Mapping[str, Any]], tuple]]] = {}   # rows that can go: lots
         for name, table in READ_MODELS.items():
             keys = [c.name for c in table.primary_key.columns]
             columns = [c.name for c in table.columns]
@@ -510,6 +531,9 @@ class _Statements:
             updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in keys)
             self.upserts[name] = (f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join(marks)}) "
                                   f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {updates}", self._row_maker(table))
+            if name in CLOSED_GO:
+                self.deletes[name] = (f"DELETE FROM {table.name} WHERE " + " AND ".join(f"{k} = {mark}" for k in keys),
+                                      itemgetter(*keys))
 
     def _row_maker(self, table: sa.Table) -> Callable[[Mapping[str, Any]], tuple]:
         "A function from a model row (a dict) to the statement's parameters, converting only what needs it."
@@ -535,7 +559,11 @@ class _Statements:
                 rows = getattr(models, table)
                 parameters[table] = [make(rows[key]) for key in keys]
             else:
-                parameters[table] = [make(row) for row in models.rows(table, keys)]
+                rows = models.rows(table, keys)
+                parameters[table] = [make(row) for row in rows]
+                if table in self.deletes:                    # a changed key with no row: a lot that closed
+                    live = set(map(self.deletes[table][1], rows))
+                    parameters[f"{table} closed"] = [key for key in keys if key not in live]
         return parameters
 
     def event_rows(self, events: list[tuple[int, EventEnvelope]]) -> list[tuple]:
@@ -553,9 +581,10 @@ class _Statements:
         if not events:
             return 0
         inserted = connection.exec_driver_sql(self.insert_events, self.event_rows(events)).rowcount
-        for table, rows in changed.items():
+        for name, rows in changed.items():
             if rows:
-                connection.exec_driver_sql(self.upserts[table][0], rows)
+                table, _, closed = name.partition(" ")
+                connection.exec_driver_sql(self.deletes[table][0] if closed else self.upserts[table][0], rows)
         return inserted
 
 def _newest_sequence(connection: sa.Connection) -> int | None:
@@ -794,10 +823,21 @@ def _take_up_tables(models: ReadModels, connection: sa.Connection) -> list[str]:
     for row in connection.execute(sa.select(BALANCES)).mappings():
         models.portfolio.balances[(row["venue"], row["asset"])] = Decimal(row["amount"])
         models.balance_times[(row["venue"], row["asset"])] = as_utc(row["updated_at"])
+    lots: dict[tuple[str, str], list[tuple[int, str, str]]] = {}
+    for venue, symbol, *lot in connection.execute(sa.select(POSITION_LOTS).order_by(*POSITION_LOTS.primary_key.columns)):
+        lots.setdefault((venue, symbol), []).append(tuple(lot))
     for row in connection.execute(sa.select(POSITIONS)).mappings():
-        models.portfolio.positions[(row["venue"], row["symbol"])] = Position.from_row(
-            {k: v for k, v in row.items() if k != "updated_at"})
-        models.position_times[(row["venue"], row["symbol"])] = as_utc(row["updated_at"])
+        key = (row["venue"], row["symbol"])
+        held = lots.pop(key, [])
+        if [number for number, _, _ in held] != list(range(row["lots_opened"] - len(held) + 1, row["lots_opened"] + 1)):
+            raise LedgerError(f"position_lots {'/'.join(key)}: lots {[n for n, _, _ in held]} are not the newest of the "
+                              f"{row['lots_opened']} it opened; rewrite the tables with `defai replay`")
+        models.portfolio.positions[key] = Position.from_row(
+            {**{k: v for k, v in row.items() if k != "updated_at"}, "lots": [[q, p] for _, q, p in held]})
+        models.position_times[key] = as_utc(row["updated_at"])
+    if lots:
+        raise LedgerError(f"position_lots {'/'.join(next(iter(lots)))}: lots of no position; rewrite the tables with "
+                          "`defai replay`")
     for table, (key, column) in RISK_COLUMNS.items():
         for row in connection.execute(sa.select(READ_MODELS[table])).mappings():
             getattr(models, table)[row[key]] = row[column]

@@ -74,6 +74,7 @@ class Position(SymbolParts):
     fifo_realized_pnl: Decimal = Decimal(0)
     fees: Decimal = Decimal(0)
     lots: list[tuple[Decimal, Decimal]] = dataclass_field(default_factory=list)
+    lots_opened: int = 0
 
     def __post_init__(self) -> None:
         self.venue = _name(self.venue, "position venue")
@@ -91,6 +92,12 @@ class Position(SymbolParts):
         if sum((quantity for quantity, _ in self.lots), Decimal(0)) != self.quantity:
             raise PositionError(f"position lots: their quantities sum to "
                                 f"{sum((q for q, _ in self.lots), Decimal(0))}, not the quantity {self.quantity}")
+        if type(self.lots_opened) is not int or self.lots_opened < 0:
+            raise PositionError(f"position lots_opened={self.lots_opened!r}: expected a whole number, 0 or more")
+        if self.lots_opened == 0:
+            self.lots_opened = len(self.lots)
+        elif self.lots_opened < len(self.lots):
+            raise PositionError(f"position lots_opened={self.lots_opened}: fewer than its {len(self.lots)} open lots")
 
     @staticmethod
     def _lot(lot: Any, index: int) -> tuple[Decimal, Decimal]:
@@ -105,6 +112,11 @@ class Position(SymbolParts):
     def side(self) -> str:
         "'long', 'short' or 'flat'."
         return "long" if self.quantity > 0 else "short" if self.quantity < 0 else "flat"
+
+    @property
+    def first_lot(self) -> int:
+        "The number of the oldest open lot (`lots_opened` + 1 when none is open: the next one's)."
+        return self.lots_opened - len(self.lots) + 1
 
     @property
     def net_realized_pnl(self) -> Decimal:
@@ -154,6 +166,7 @@ class Position(SymbolParts):
                 self.lots[0] = (lot_quantity - closing * _sign(lot_quantity), lot_price)
         if left:
             self.lots.append((left, price))
+            self.lots_opened += 1
         return realized
 
     def unrealized_pnl(self, mark: Decimal) -> Decimal:
@@ -171,7 +184,7 @@ class Position(SymbolParts):
         return {"venue": self.venue, "symbol": self.symbol, "quantity": str(self.quantity),
                 "average_cost": str(self.average_cost), "realized_pnl": str(self.realized_pnl),
                 "fifo_realized_pnl": str(self.fifo_realized_pnl), "fees": str(self.fees),
-                "lots": [[str(quantity), str(price)] for quantity, price in self.lots]}
+                "lots": [[str(quantity), str(price)] for quantity, price in self.lots], "lots_opened": self.lots_opened}
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Position:
@@ -180,7 +193,7 @@ class Position(SymbolParts):
         if missing:
             raise PositionError(f"position row: missing {', '.join(missing)}")
         unknown = sorted(set(row) - {"venue", "symbol", "quantity", "average_cost", "realized_pnl",
-                                     "fifo_realized_pnl", "fees", "lots"})
+                                     "fifo_realized_pnl", "fees", "lots", "lots_opened"})
         if unknown:
             raise PositionError(f"position row: unknown fields {', '.join(unknown)}")
         lots = row.get("lots", [])

@@ -33,10 +33,10 @@ def test_every_command_has_help(kit_env, command):
 def test_db_upgrade_on_both_backends(kit_env, database_url):
     kit_env["DEFAI_DATABASE_URL"] = database_url
     first, second = defai("db", "upgrade", env=kit_env), defai("db", "upgrade", env=kit_env)
-    assert first.returncode == 0 and "applied 0001, 0002, 0003, 0004, 0005, 0006, 0007; schema at revision 0007" in first.stdout, first.stderr
+    assert first.returncode == 0 and "applied 0001, 0002, 0003, 0004, 0005, 0006, 0007, 0008; schema at revision 0008" in first.stdout, first.stderr
     assert second.returncode == 0 and "nothing to apply" in second.stdout
     state = defai("db", "state", env=kit_env)
-    assert "revision 0007, up to date" in state.stdout and "events" in state.stdout
+    assert "revision 0008, up to date" in state.stdout and "events" in state.stdout
 
 
 @pytest.mark.parametrize("variable,value,message", [
@@ -97,4 +97,4 @@ def test_demo_on_postgresql(kit_env, postgres):
     kit_env["DEFAI_DATABASE_URL"] = postgres.create_database("demo_run")
     result = defai("demo", env=kit_env)
     assert result.returncode == 0, result.stderr
-    assert "(postgresql, revision 0007, up to date)" in result.stdout
+    assert "(postgresql, revision 0008, up to date)" in result.stdout

@@ -46,7 +46,7 @@ def test_flow_replay_equals_live(database_url):
     assert core.ledger.models.intents == {} and len(core.ledger.models.ended) == 60   # written, then let go
     assert compare_read_models(core.engine) == []
     rebuilt = replay(core.engine)
-    for table in ("balances", "positions", "risk_memory", "risk_accounts"):        # what the live models still hold
+    for table in ("balances", "positions", "position_lots", "risk_memory", "risk_accounts"):   # what live models hold
         assert rebuilt.rows(table) == core.ledger.models.rows(table), table
     # a ledger opening on this store reads its live state from the tables: equal to the live one and to a replay's
     rebuilt.keep_only_live()

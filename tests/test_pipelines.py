@@ -27,7 +27,7 @@ def test_kit_state_pipeline_on_both_backends(tmp_path, database_url):
     papermill.execute_notebook(str(PIPELINES / "kit_state.ipynb"), str(output), kernel_name="python3",
                                parameters={"home": str(tmp_path), "database_url": database_url}, progress_bar=False)
     text = "".join(o.get("text", "") for c in nbformat.read(output, as_version=4).cells for o in c.get("outputs", []))
-    assert "applied migrations: ['0001', '0002', '0003', '0004', '0005', '0006', '0007']" in text
+    assert "applied migrations: ['0001', '0002', '0003', '0004', '0005', '0006', '0007', '0008']" in text
     assert "paper trading (live trading off)" in text
     heartbeats = EventStore(open_store(database_url)).read(topic="system.heartbeat")
     assert [e.payload["job"] for e in heartbeats] == ["kit_state"]

@@ -19,7 +19,7 @@ def engine(database_url):
 
 
 def test_upgrade_creates_schema_once(engine):
-    assert upgrade_database(engine) == ["0001", "0002", "0003", "0004", "0005", "0006", "0007"]
+    assert upgrade_database(engine) == ["0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008"]
     assert upgrade_database(engine) == []
     tables = set(sa.inspect(engine).get_table_names())
     assert {"events", "bars", "alembic_version"} <= tables
@@ -27,7 +27,7 @@ def test_upgrade_creates_schema_once(engine):
     assert state.up_to_date and state.revision == head_revision()
     assert state.tables == {name: 0 for name in ("agent_ticks", "agents", "backtest_runs", "balances", "bars", "events",
                                                   "fills", "intents", "ledger_writer", "orders", "plans",
-                                                  "positions", "risk_accounts", "risk_memory")}
+                                                  "position_lots", "positions", "risk_accounts", "risk_memory")}
 
 
 def test_time_series_tables_stay_plain_without_timescale(engine):
