@@ -9,6 +9,7 @@ Modules:
 - `defai_kit.agents`: A strategy with its parameters, symbols, venue, sizing, risk limits, schedule and mode, stored in the database, ticked on schedule: the latest closed bars → the strategy's signals → a decision → intents into the execution core, every tick audited.
 - `defai_kit.execution`: The execution core wired together: `submit_intent` → risk → planner → orchestrator → venue, every step an event on the bus, the ledger writing them all.
 - `defai_kit.ledger`: The single writer: it stores every trading event once, in the order it applies them, and keeps the read models (intents, plans, orders, fills, balances, positions) that a replay of the store rebuilds exactly.
+- `defai_kit.ledger_queries`: What the ledger holds, read back for people and programs: intents, one intent's whole journey, balances, and positions with realised and unrealised P&L.
 - `defai_kit.migrations.m0001_initial`: The first schema: `events` (the append-only event store) and `bars` (OHLCV), with bars a hypertable where TimescaleDB is present.
 - `defai_kit.migrations.m0002_backtest_runs`: The `backtest_runs` table: every backtest and walk-forward run, with its strategy, parameters, data range, configuration, metrics and report, so runs can be listed and compared.
 - `defai_kit.migrations.m0003_execution`: The ledger's read models (intents, plans, orders, fills, balances, positions) and the ledger's sequence on the event store, so a replay applies events in exactly the order the live ledger did.

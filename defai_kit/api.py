@@ -1,4 +1,4 @@
-"""The HTTP service over the kit: health, state, the event trail, runs and agents, every route but `/health` behind a token.
+"""The HTTP service over the kit: health, state, the event trail, runs, agents and the ledger, every route but `/health` behind a token.
 
 Docs: https://defai-kit.github.io/defai-kit/api.html.md"""
 
@@ -20,12 +20,14 @@ from starlette.exceptions import HTTPException
 import defai_kit
 from .agents import (AgentConfig, AgentConflict, AgentError, AgentNotFound, AgentStore,
                               LiveTradingRefused, agent_report, rearm_agent)
+from .ledger_queries import (IntentNotFound, LedgerQueryError, event_record, parse_marks, read_balances,
+                                      read_intent, read_intents, read_positions)
 from .runs import RunError, RunStore
 from .settings import Settings, SettingsError
 from .store import EventStore, StoreError, database_state, open_store
 
 # %% auto #0
-__all__ = ['ErrorBody', 'ErrorResponse', 'error_response', 'EventOut', 'create_app', 'Rearm', 'agent_routes']
+__all__ = ['ErrorBody', 'ErrorResponse', 'error_response', 'EventOut', 'create_app', 'Rearm', 'agent_routes', 'ledger_routes']
 
 # %% ../nbs/80_api.ipynb #30600eaf
 class ErrorBody(BaseModel):
@@ -121,7 +123,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                limit: int = Query(100, ge=1, le=1000)) -> list[dict[str, Any]]:
         "Stored events in the order they were made, filtered by topic pattern, correlation id, or after an id."
         found = EventStore(store_engine()).read(topic=topic, correlation_id=correlation_id, after=after, limit=limit)
-        return [{**e.model_dump(), "timestamp": e.timestamp.isoformat()} for e in found]
+        return [event_record(event) for event in found]
 
     @app.exception_handler(RunError)
     async def _no_run(request: Request, exc: RunError) -> JSONResponse:
@@ -146,6 +148,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         return RunStore(store_engine()).get(run_id).summary()
 
     agent_routes(app, store_engine, settings, secured)
+    ledger_routes(app, store_engine, secured)
     return app
 
 # %% ../nbs/80_api.ipynb #791a1b76
@@ -203,8 +206,7 @@ def agent_routes(app: FastAPI, store_engine: Callable[[], Engine], settings: Set
     @app.post("/v1/agents/{agent_id}/rearm", dependencies=secured, response_model=EventOut)
     def rearm(agent_id: str, body: Rearm) -> dict[str, Any]:
         "Let an agent that risk halted, or holds to reducing, trade again; the stored `risk.rearmed` event."
-        event = rearm_agent(agent_id, body.reason, body.by, settings=settings, engine=store_engine())
-        return {**event.model_dump(), "timestamp": event.timestamp.isoformat()}
+        return event_record(rearm_agent(agent_id, body.reason, body.by, settings=settings, engine=store_engine()))
 
     @app.delete("/v1/agents/{agent_id}", dependencies=secured)
     def delete_agent(agent_id: str, version: int | None = Query(None, ge=1)) -> dict[str, Any]:
@@ -217,3 +219,39 @@ def agent_routes(app: FastAPI, store_engine: Callable[[], Engine], settings: Set
         store = agents()
         store.get(agent_id)
         return store.ticks(agent_id, limit)
+
+# %% ../nbs/80_api.ipynb #6b7d588e
+def ledger_routes(app: FastAPI, store_engine: Callable[[], Engine], secured: list) -> None:
+    "Add the ledger's read routes: `/v1/intents` (and one intent's journey), `/v1/balances`, `/v1/positions`."
+
+    @app.exception_handler(LedgerQueryError)
+    async def _query_error(request: Request, exc: LedgerQueryError) -> JSONResponse:
+        if isinstance(exc, IntentNotFound):
+            return error_response(404, "not_found", str(exc), exc.field)
+        return error_response(422, "invalid_request", str(exc), exc.field)
+
+    @app.get("/v1/intents", dependencies=secured)
+    def intents(agent_id: str | None = Query(None, max_length=64), venue: str | None = Query(None, max_length=128),
+                symbol: str | None = Query(None, max_length=32), state: str | None = Query(None, max_length=16),
+                before: str | None = Query(None, max_length=40),
+                limit: int = Query(100, ge=1, le=1000)) -> list[dict[str, Any]]:
+        "Intents, newest first, filtered; `before` an intent id pages on from it."
+        return read_intents(store_engine(), agent_id=agent_id, venue=venue, symbol=symbol, state=state, before=before,
+                            limit=limit)
+
+    @app.get("/v1/intents/{intent_id}", dependencies=secured)
+    def intent(intent_id: str) -> dict[str, Any]:
+        "One intent: its row, plan, orders, fills and every event of its journey in order."
+        return read_intent(store_engine(), intent_id)
+
+    @app.get("/v1/balances", dependencies=secured)
+    def balances(venue: str | None = Query(None, max_length=128)) -> list[dict[str, Any]]:
+        "What each venue holds of each asset."
+        return read_balances(store_engine(), venue)
+
+    @app.get("/v1/positions", dependencies=secured)
+    def positions(venue: str | None = Query(None, max_length=128),
+                  mark: list[str] = Query([], max_length=100, description="SYMBOL=PRICE, repeatable"),
+                  lots: bool = False) -> list[dict[str, Any]]:
+        "Each position with its realised P&L both ways; unrealised at the marks given; its open lots if asked."
+        return read_positions(store_engine(), venue, parse_marks(mark), lots)

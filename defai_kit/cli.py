@@ -19,13 +19,14 @@ from .logs import configure_logging
 from .settings import DefaiError, Settings, load_settings, settings_example
 
 # %% auto #0
-__all__ = ['app', 'db_app', 'settings_app', 'api_app', 'data_app', 'API_URL_HELP', 'runs_app', 'CONFIG_HELP', 'WORKER_ROLES',
-           'agent_app', 'AGENT_SET_HELP', 'RISK_HELP', 'FETCH_HELP', 'HEARTBEAT_HELP', 'version', 'demo', 'db_upgrade',
-           'db_state', 'data_import', 'data_fetch', 'data_list', 'settings_show', 'settings_example_command',
-           'api_serve', 'CommandLineError', 'strategies', 'backtest', 'walk_forward_command', 'runs_list', 'runs_show',
-           'runs_compare', 'replay', 'paper_venues', 'run_worker', 'worker', 'agent_create', 'agent_list', 'agent_show',
-           'agent_update', 'agent_start', 'agent_stop', 'agent_rearm', 'agent_delete', 'agent_tick', 'agent_run',
-           'reconcile', 'run', 'main']
+__all__ = ['app', 'db_app', 'settings_app', 'api_app', 'data_app', 'API_URL_HELP', 'runs_app', 'CONFIG_HELP', 'ledger_app',
+           'WORKER_ROLES', 'agent_app', 'AGENT_SET_HELP', 'RISK_HELP', 'FETCH_HELP', 'HEARTBEAT_HELP', 'version',
+           'demo', 'db_upgrade', 'db_state', 'data_import', 'data_fetch', 'data_list', 'settings_show',
+           'settings_example_command', 'api_serve', 'CommandLineError', 'strategies', 'backtest',
+           'walk_forward_command', 'runs_list', 'runs_show', 'runs_compare', 'replay', 'ledger_intents',
+           'ledger_intent', 'ledger_balances', 'ledger_positions', 'paper_venues', 'run_worker', 'worker',
+           'agent_create', 'agent_list', 'agent_show', 'agent_update', 'agent_start', 'agent_stop', 'agent_rearm',
+           'agent_delete', 'agent_tick', 'agent_run', 'reconcile', 'run', 'main']
 
 # %% ../nbs/90_cli.ipynb #23c5dbcd
 app = typer.Typer(help="defai-kit: research, backtest and trade crypto and DeFi, from notebooks to production.",
@@ -313,6 +314,72 @@ def replay(check: bool = typer.Option(False, "--check", help="Only compare the s
     finally:
         lease.release()
     typer.echo("read models rebuilt from the event store: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
+
+# %% ../nbs/90_cli.ipynb #6343a167
+ledger_app = typer.Typer(help="What the ledger holds: intents, one intent's journey, balances, positions with P&L.",
+                         no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
+
+def _ledger_store():
+    from defai_kit.store import open_store
+    return open_store(_settings().store_url)
+
+@ledger_app.command("intents")
+def ledger_intents(agent: str = typer.Option(None, help="Only this agent's intents"),
+                   venue: str = typer.Option(None, help="Only intents for this venue"),
+                   symbol: str = typer.Option(None, help="Only this symbol (BTC/USDT)"),
+                   state: str = typer.Option(None, help="Only intents in this state (completed, rejected, ...)"),
+                   before: str = typer.Option(None, help="The page after this intent id"),
+                   limit: int = typer.Option(20, help="How many, newest first")) -> None:
+    "List intents, newest first: when, agent, venue, side, quantity, symbol, state, what filled, why refused."
+    from defai_kit.ledger_queries import read_intents
+    for row in read_intents(_ledger_store(), agent_id=agent, venue=venue, symbol=symbol, state=state, before=before,
+                            limit=limit):
+        filled = f"filled {row['filled_quantity']} @ {row['average_price']}" if row["average_price"] else "filled 0"
+        typer.echo(f"{row['intent_id']}  {row['created_at'][:19].replace('T', ' ')}  {row['agent_id']:<12} {row['venue']:<16} "
+                   f"{row['side']:<4} {row['quantity']} {row['symbol']}  {row['state']:<9}  {filled}"
+                   + (f"  {row['reason_code']}: {row['reason']}" if row["reason_code"] else ""))
+
+@ledger_app.command("intent")
+def ledger_intent(intent_id: str = typer.Argument(..., help="Intent id, as `defai ledger intents` prints it")) -> None:
+    "Show one intent: its state, plan, orders, fills, and every event of its journey in order."
+    from defai_kit.ledger_queries import read_intent
+    journey = read_intent(_ledger_store(), intent_id)
+    row, plan = journey["intent"], journey["plan"]
+    typer.echo(f"{row['intent_id']}: {row['side']} {row['quantity']} {row['symbol']} on {row['venue']} for "
+               f"{row['agent_id']}, {row['state']}" + (f" ({row['reason_code']}: {row['reason']})" if row["reason_code"] else ""))
+    if plan is not None:
+        typer.echo(f"plan {plan['plan_type']}, {plan['state']}: {plan['steps_done']} of {plan['steps_total']} steps, "
+                   f"limit {plan['limit_price']}, estimated cost {plan['estimated_cost']}")
+    for order in journey["orders"]:
+        typer.echo(f"order {order['client_order_id']}: {order['side']} {order['quantity']}, {order['state']}, "
+                   f"filled {order['filled_quantity']} @ {order['average_price']}, fees {order['fees']}")
+    for fill in journey["fills"]:
+        typer.echo(f"fill {fill['fill_id']}: {fill['quantity']} @ {fill['price']}, fee {fill['fee']} {fill['fee_asset']}")
+    for event in journey["events"]:
+        typer.echo(f"{event['timestamp'][:26].replace('T', ' ')}  {event['topic']:<20} {event['event_id']}")
+
+@ledger_app.command("balances")
+def ledger_balances(venue: str = typer.Option(None, help="Only this venue")) -> None:
+    "What each venue holds of each asset, in the ledger."
+    from defai_kit.ledger_queries import read_balances
+    for row in read_balances(_ledger_store(), venue):
+        typer.echo(f"{row['venue']:<20} {row['asset']:<8} {row['amount']}")
+
+@ledger_app.command("positions")
+def ledger_positions(venue: str = typer.Option(None, help="Only this venue"),
+                     mark: list[str] = typer.Option([], "--mark", help="Price to value a symbol at, SYMBOL=PRICE, "
+                                                    "repeatable: adds unrealised P&L"),
+                     lots: bool = typer.Option(False, "--lots", help="List each position's open FIFO lots")) -> None:
+    "Each position: quantity, average cost, realised P&L (average cost and FIFO), fees; unrealised at the marks given."
+    from defai_kit.ledger_queries import parse_marks, read_positions
+    for row in read_positions(_ledger_store(), venue, parse_marks(mark), lots):
+        valued = (f"  unrealised {row['unrealized_pnl']} (FIFO {row['fifo_unrealized_pnl']}) at {row['mark']}"
+                  if row["mark"] is not None else "")
+        typer.echo(f"{row['venue']:<20} {row['symbol']:<10} {row['side']:<5} {row['quantity']} @ {row['average_cost']}  "
+                   f"realised {row['realized_pnl']} (FIFO {row['fifo_realized_pnl']}), fees {row['fees']}{valued}")
+        for lot in row.get("lots", []):
+            typer.echo(f"  lot {lot['lot']}: {lot['quantity']} @ {lot['price']}")
 
 # %% ../nbs/90_cli.ipynb #5900227c
 import asyncio
