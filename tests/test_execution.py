@@ -12,6 +12,7 @@ from defai_kit.events import EventEnvelope
 from defai_kit.execution import ExecutionEngine
 from defai_kit.ledger import (INTENTS, Ledger, compare_read_models, open_read_models, rebuild_read_models, replay,
                               stored_trading_events)
+from defai_kit.ledger_queries import read_intent, read_intents, read_positions
 from defai_kit.risk import RiskEngine, RiskLimits
 from defai_kit.store import EventStore, open_store, upgrade_database
 from defai_kit.venues import PaperVenue
@@ -58,6 +59,16 @@ def test_flow_replay_equals_live(database_url):
     assert compare_read_models(core.engine) == ["risk_accounts paper: missing"]
     Ledger.open(core.engine).close()
     assert compare_read_models(core.engine) == []
+    # the tables read back (what `defai ledger` and /v1/intents, /v1/positions show): the position is what the
+    # completed intents filled, its open lots add up to it, and each journey's fills to its intent
+    listed = read_intents(core.engine, limit=1000)
+    assert len(listed) == 60 and [row["intent_id"] for row in listed] == sorted(row["intent_id"] for row in listed)[::-1]
+    filled = sum(Decimal(row["filled_quantity"]) * (1 if row["side"] == "buy" else -1) for row in listed)
+    [position] = read_positions(core.engine, marks={"BTC/USDT": "42000.5"}, lots=True)
+    assert Decimal(position["quantity"]) == filled == sum(Decimal(lot["quantity"]) for lot in position["lots"])
+    assert Decimal(position["unrealized_pnl"]) == filled * (Decimal("42000.5") - Decimal(position["average_cost"]))
+    journey = read_intent(core.engine, listed[0]["intent_id"])
+    assert sum(Decimal(fill["quantity"]) for fill in journey["fills"]) == Decimal(journey["intent"]["filled_quantity"])
     # the ledger's balances agree with the venue's own, to the last digit
     venue_balances = asyncio.run(core.venues["paper"].balances())
     ledger_balances = {asset: amount for (venue, asset), amount in core.ledger.models.portfolio.balances.items()}
