@@ -36,7 +36,8 @@ from .bus import run_sync
 from .events import EventEnvelope, new_event_id
 from .execution import Difference, ExecutionEngine
 from .intents import Intent
-from .ledger import Ledger
+from .ledger import RISK_MEMORY, Ledger
+from .ledger_queries import read_positions
 from .logs import get_logger
 from .risk import RiskEngine, RiskError, RiskLimits
 from .settings import DefaiError, Settings
@@ -1144,16 +1145,11 @@ def rearm_agent(agent_id: str, reason: str, by: str, *, settings: Settings | Non
     return run_sync(write())
 
 def agent_risk(engine: Engine, config: AgentConfig) -> dict[str, Any]:
-    "What risk remembers of the agent now (`state`, and why when not active): its newest decision's, or a later re-arm's."
+    "What risk remembers of the agent now (`state`, why when not active): the ledger's row, from its newest decision."
+    newest = sa.select(RISK_MEMORY.c.memory).where(RISK_MEMORY.c.agent_id == config.agent_id)   # or a later re-arm
     with engine.connect() as connection:
-        newest = connection.execute(sa.select(_INTENTS.c.intent_id).where(
-            _INTENTS.c.agent_id == config.agent_id, _INTENTS.c.venue == config.account)
-            .order_by(_INTENTS.c.intent_id.desc()).limit(1)).scalar()
-    store = EventStore(engine)
-    decided = [e for e in store.read(correlation_id=newest) if e.topic in ("risk.approved", "risk.rejected")] if newest else []
-    rearmed = [e for e in store.read(topic="risk.rearmed") if e.payload.get("agent_id") == config.agent_id]
-    latest = max(decided[-1:] + rearmed[-1:], key=lambda event: event.event_id, default=None)
-    return dict((latest.payload.get("memory") if latest is not None else None) or {"state": "active"})
+        memory = connection.execute(newest).scalar()
+    return dict(memory or {"state": "active"})
 
 # %% ../nbs/37_agents.ipynb #647cd32e
 def agent_marks(settings: Settings, engine: Engine, config: AgentConfig) -> dict[str, Decimal]:
@@ -1179,6 +1175,7 @@ def agent_report(agents: AgentStore, agent_id: str, ticks: int = 5) -> dict[str,
     marks = agent_marks(agents.settings, agents.engine, record.config)
     account = agent_account(agents.engine, record.config, marks)
     return {**record.summary(), "account": _text({**account, "marks": marks}),
+            "positions": read_positions(agents.engine, record.config.account, marks),
             "risk": agent_risk(agents.engine, record.config), "ticks": agents.ticks(agent_id, ticks)}
 
 def _money(value: str | Decimal, places: int = 2) -> str:
@@ -1202,6 +1199,13 @@ def describe_agent(report: Mapping[str, Any]) -> list[str]:
     worth = (f", equity {_money(account['equity'])}, P&L {Decimal(account['pnl']):+,.2f}" if "equity" in account else "")
     lines.append(f"  account: cash {_money(account['cash'])} {config.quote_asset}, {held}{worth}, fees "
                  f"{_money(account['fees'])}, {account['trades']} fills")
+    for position in report.get("positions", []):
+        valued = "" if position["mark"] is None else (
+            f", unrealised {Decimal(position['unrealized_pnl']):+,.2f} (FIFO "
+            f"{Decimal(position['fifo_unrealized_pnl']):+,.2f}) at {_money(position['mark'])}")
+        lines.append(f"  {position['symbol']} {position['side']} {position['quantity']} at average cost "
+                     f"{_money(position['average_cost'])}: realised {Decimal(position['realized_pnl']):+,.2f} (FIFO "
+                     f"{Decimal(position['fifo_realized_pnl']):+,.2f}){valued}")
     risk = report["risk"]
     why = (risk["halt"]["message"] if risk["state"] == "halted" and risk.get("halt")
            else "; ".join(filter(None, (risk.get("loss_cause"), risk.get("reducing_cause")))))
