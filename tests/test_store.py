@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import multiprocessing
+from datetime import datetime, timezone
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from defai_kit.events import EventEnvelope
 from defai_kit.store import (EventStore, StoreError, database_state, head_revision, hypertables, open_store,
@@ -98,3 +100,35 @@ def test_unreachable_database_is_one_clear_line(postgres):
     message = str(error.value)
     assert "\n" not in message and "pw@" not in message
     assert message.startswith(f"database unreachable at postgresql://defai:***@127.0.0.1:{postgres.port + 1}/nowhere")
+
+
+def test_migration_0008_moves_position_lots_into_rows_and_back(engine):
+    # positions written the old way (lots as one JSON list) become one row per lot, numbered 1 up, and come back
+    upgrade_database(engine, "0007")
+    old = sa.table("positions", *(sa.column(name) for name in ("venue", "symbol", "quantity", "average_cost",
+                                                                "realized_pnl", "fifo_realized_pnl", "fees")),
+                   sa.column("lots", sa.JSON().with_variant(postgresql.JSONB(), "postgresql")),
+                   sa.column("updated_at", sa.DateTime(timezone=True)))
+    amounts = dict(average_cost="105", realized_pnl="0", fifo_realized_pnl="0", fees="0")
+    moment = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    with engine.begin() as connection:
+        connection.execute(old.insert(), [
+            dict(venue="paper:a", symbol="BTC/USDT", quantity="-1.5", lots=[["-1", "100"], ["-0.5", "115"]], **amounts,
+                 updated_at=moment),
+            dict(venue="paper:a", symbol="ETH/USDT", quantity="0", lots=[], **amounts, updated_at=moment)])
+        connection.execute(sa.text("INSERT INTO ledger_writer (name, applied_through) VALUES ('ledger', 7)"))
+    assert upgrade_database(engine) == ["0008"]
+    with engine.connect() as connection:
+        lots = connection.execute(sa.text("SELECT symbol, lot, quantity, price FROM position_lots ORDER BY lot")).all()
+        counts = dict(connection.execute(sa.text("SELECT symbol, lots_opened FROM positions")).all())
+        watermark = connection.execute(sa.text("SELECT applied_through FROM ledger_writer")).scalar()
+    assert [tuple(row) for row in lots] == [("BTC/USDT", 1, "-1", "100"), ("BTC/USDT", 2, "-0.5", "115")]
+    assert (counts, watermark) == ({"BTC/USDT": 2, "ETH/USDT": 0}, None)     # the next ledger replays the store once
+    from alembic.operations import Operations
+    from alembic.runtime.migration import MigrationContext
+    from defai_kit.migrations import m0008_position_lots
+    with engine.begin() as connection, Operations.context(MigrationContext.configure(connection)):
+        m0008_position_lots.downgrade()
+    with engine.connect() as connection:
+        assert dict(connection.execute(sa.select(old.c.symbol, old.c.lots)).all()) == {
+            "BTC/USDT": [["-1", "100"], ["-0.5", "115"]], "ETH/USDT": []}
