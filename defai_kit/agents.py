@@ -41,7 +41,7 @@ from .ledger_queries import read_positions
 from .logs import get_logger
 from .risk import RiskEngine, RiskError, RiskLimits
 from .settings import DefaiError, Settings
-from .store import EventStore, StoreError, as_utc, open_store, upgrade_database
+from .store import EventStore, as_utc, open_store, require_schema, upgrade_database
 from .strategy import SIGNAL_COLUMNS, Strategy, StrategyError, _signal_block, populate, strategy_class
 from .venues import IMPACT_CAP, QUANTITY_STEP, SYMBOL_PATTERN, PaperVenue
 
@@ -780,10 +780,7 @@ class AgentStore:
     def __init__(self, engine: Engine, settings: Settings | None = None):
         self.engine = engine
         self.settings = settings if settings is not None else Settings()
-        with engine.connect() as connection:
-            if not sa.inspect(connection).has_table("agents"):
-                raise StoreError(f"the store at {engine.url.render_as_string(hide_password=True)} has no agents "
-                                 "table; run `defai db upgrade`")
+        require_schema(engine)                         # an agent's ledger tables, lots and risk rows are all there
 
     def _row(self, agent_id: str) -> Mapping[str, Any] | None:
         with self.engine.connect() as connection:

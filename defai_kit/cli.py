@@ -46,6 +46,11 @@ def _settings() -> Settings:
     configure_logging(settings)
     return settings
 
+def _store():
+    "The store the settings name, its schema at this kit's revision (else one line: run `defai db upgrade`)."
+    from defai_kit.store import open_store, require_schema
+    return require_schema(open_store(_settings().store_url))
+
 # %% ../nbs/90_cli.ipynb #65cf4d11
 @app.command()
 def version() -> None:
@@ -268,8 +273,7 @@ def runs_list(strategy: str | None = typer.Option(None, help="Only this strategy
               limit: int = typer.Option(20, help="How many, newest first")) -> None:
     "List stored runs, newest first, with their headline metrics."
     from defai_kit.runs import RunStore
-    from defai_kit.store import open_store
-    for run in RunStore(open_store(_settings().store_url)).list(strategy=strategy, limit=limit):
+    for run in RunStore(_store()).list(strategy=strategy, limit=limit):
         m = run.metrics
         pct = lambda v: "n/a" if v is None else f"{v * 100:.1f}%"
         typer.echo(f"{run.run_id}  {run.created_at:%Y-%m-%d %H:%M}  {run.kind:<12} {run.strategy:<20} "
@@ -281,15 +285,13 @@ def runs_list(strategy: str | None = typer.Option(None, help="Only this strategy
 def runs_show(run_id: str = typer.Argument(..., help="Run id, as `defai runs list` prints it")) -> None:
     "Show one stored run: what ran, on which data, its metrics and report."
     from defai_kit.runs import RunStore
-    from defai_kit.store import open_store
-    _echo_run(RunStore(open_store(_settings().store_url)).get(run_id))
+    _echo_run(RunStore(_store()).get(run_id))
 
 @runs_app.command("compare")
 def runs_compare(run_ids: list[str] = typer.Argument(..., help="Two or more run ids")) -> None:
     "Compare stored runs side by side: one row per metric, one column per run."
     from defai_kit.runs import RunStore
-    from defai_kit.store import open_store
-    typer.echo(RunStore(open_store(_settings().store_url)).compare(run_ids).to_string())
+    typer.echo(RunStore(_store()).compare(run_ids).to_string())
 
 # %% ../nbs/90_cli.ipynb #0135171b
 @app.command()
@@ -297,8 +299,7 @@ def replay(check: bool = typer.Option(False, "--check", help="Only compare the s
                                       "exit 1 when they differ")) -> None:
     "Rebuild the ledger's read models (intents, plans, orders, fills, balances, positions, risk) from the event store."
     from defai_kit.ledger import WriterLease, compare_read_models, rebuild_read_models, replay as replay_store
-    from defai_kit.store import open_store
-    engine = open_store(_settings().store_url)
+    engine = _store()
     if check:
         differences = compare_read_models(engine, replay_store(engine))
         for line in differences[:50]:
@@ -320,9 +321,6 @@ ledger_app = typer.Typer(help="What the ledger holds: intents, one intent's jour
                          no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
 
-def _ledger_store():
-    from defai_kit.store import open_store
-    return open_store(_settings().store_url)
 
 @ledger_app.command("intents")
 def ledger_intents(agent: str = typer.Option(None, help="Only this agent's intents"),
@@ -333,7 +331,7 @@ def ledger_intents(agent: str = typer.Option(None, help="Only this agent's inten
                    limit: int = typer.Option(20, help="How many, newest first")) -> None:
     "List intents, newest first: when, agent, venue, side, quantity, symbol, state, what filled, why refused."
     from defai_kit.ledger_queries import read_intents
-    for row in read_intents(_ledger_store(), agent_id=agent, venue=venue, symbol=symbol, state=state, before=before,
+    for row in read_intents(_store(), agent_id=agent, venue=venue, symbol=symbol, state=state, before=before,
                             limit=limit):
         filled = f"filled {row['filled_quantity']} @ {row['average_price']}" if row["average_price"] else "filled 0"
         typer.echo(f"{row['intent_id']}  {row['created_at'][:19].replace('T', ' ')}  {row['agent_id']:<12} {row['venue']:<16} "
@@ -344,7 +342,7 @@ def ledger_intents(agent: str = typer.Option(None, help="Only this agent's inten
 def ledger_intent(intent_id: str = typer.Argument(..., help="Intent id, as `defai ledger intents` prints it")) -> None:
     "Show one intent: its state, plan, orders, fills, and every event of its journey in order."
     from defai_kit.ledger_queries import read_intent
-    journey = read_intent(_ledger_store(), intent_id)
+    journey = read_intent(_store(), intent_id)
     row, plan = journey["intent"], journey["plan"]
     typer.echo(f"{row['intent_id']}: {row['side']} {row['quantity']} {row['symbol']} on {row['venue']} for "
                f"{row['agent_id']}, {row['state']}" + (f" ({row['reason_code']}: {row['reason']})" if row["reason_code"] else ""))
@@ -363,7 +361,7 @@ def ledger_intent(intent_id: str = typer.Argument(..., help="Intent id, as `defa
 def ledger_balances(venue: str = typer.Option(None, help="Only this venue")) -> None:
     "What each venue holds of each asset, in the ledger."
     from defai_kit.ledger_queries import read_balances
-    for row in read_balances(_ledger_store(), venue):
+    for row in read_balances(_store(), venue):
         typer.echo(f"{row['venue']:<20} {row['asset']:<8} {row['amount']}")
 
 @ledger_app.command("positions")
@@ -373,7 +371,7 @@ def ledger_positions(venue: str = typer.Option(None, help="Only this venue"),
                      lots: bool = typer.Option(False, "--lots", help="List each position's open FIFO lots")) -> None:
     "Each position: quantity, average cost, realised P&L (average cost and FIFO), fees; unrealised at the marks given."
     from defai_kit.ledger_queries import parse_marks, read_positions
-    for row in read_positions(_ledger_store(), venue, parse_marks(mark), lots):
+    for row in read_positions(_store(), venue, parse_marks(mark), lots):
         valued = (f"  unrealised {row['unrealized_pnl']} (FIFO {row['fifo_unrealized_pnl']}) at {row['mark']}"
                   if row["mark"] is not None else "")
         typer.echo(f"{row['venue']:<20} {row['symbol']:<10} {row['side']:<5} {row['quantity']} @ {row['average_cost']}  "
@@ -419,7 +417,7 @@ async def run_worker(role: str, settings: Settings, venues: dict[str, Any], stop
     from defai_kit.ledger import Ledger
     from defai_kit.nats_bus import bus_from_settings
     from defai_kit.risk import RiskEngine
-    from defai_kit.store import StoreError, database_state, open_store
+    from defai_kit.store import open_store, require_schema
     _check_worker(role, settings)
     marks = dict(marks or {})                        # latest prices, shared by this process's components
     bus = bus_from_settings(settings, client_name=f"defai-worker-{role}-{os.getpid()}")
@@ -428,11 +426,7 @@ async def run_worker(role: str, settings: Settings, venues: dict[str, Any], stop
     try:
         await bus.connect()
         if role == "core":
-            engine = open_store(settings.store_url)
-            state = database_state(engine)
-            if not state.up_to_date:
-                raise StoreError(f"{state.url}: schema at revision {state.revision}, the kit needs {state.head}: "
-                                 "run `defai db upgrade` first")
+            engine = require_schema(open_store(settings.store_url))
             ledger = Ledger.open(engine)
             intake += ledger.attach(bus)
             intake += RiskStage(RiskEngine.from_settings(settings), ledger.models, venues, marks).attach(bus)

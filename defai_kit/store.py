@@ -29,7 +29,7 @@ from .settings import DefaiError
 # %% auto #0
 __all__ = ['Payload', 'UtcDateTime', 'TIME_SERIES_TABLES', 'MIGRATIONS', 'StoreError', 'EventRecord', 'Bar', 'mask_url',
            'make_engine', 'open_store', 'schema_revision', 'upgrade_database', 'head_revision', 'timescale_available',
-           'make_hypertable', 'hypertables', 'as_utc', 'EventStore', 'StoreState', 'database_state']
+           'make_hypertable', 'hypertables', 'as_utc', 'EventStore', 'StoreState', 'database_state', 'require_schema']
 
 # %% ../nbs/04_store.ipynb #6fdd8f79
 class StoreError(DefaiError):
@@ -258,3 +258,13 @@ def database_state(engine: Engine) -> StoreState:
         return StoreState(url=mask_url(str(engine.url.render_as_string(hide_password=False))),
                           backend=connection.dialect.name, revision=schema_revision(connection),
                           head=head_revision(), tables=counts, hypertables=hypertables(connection))
+
+def require_schema(engine: Engine) -> Engine:
+    "`engine`, once its schema is at this kit's revision; a StoreError that says to run `defai db upgrade` otherwise."
+    with engine.connect() as connection:
+        revision = schema_revision(connection)
+    if revision != head_revision():
+        where = mask_url(str(engine.url.render_as_string(hide_password=False)))
+        raise StoreError(f"{where}: schema at revision {revision or 'none (an empty store)'}, the kit needs "
+                         f"{head_revision()}: run `defai db upgrade` first")
+    return engine
