@@ -63,10 +63,6 @@ class AgentError(DefaiError):
     "An agent's config or a command on an agent is wrong; the message names the field and what to do."
     exit_code = 2
 
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
-
 class AgentNotFound(AgentError):
     "No agent has that id."
 

@@ -32,10 +32,6 @@ class LedgerQueryError(DefaiError):
     "A query of the ledger's tables names something malformed; the message names the field."
     exit_code = 2
 
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
-
 class IntentNotFound(LedgerQueryError):
     "No intent with that id in the ledger."
 

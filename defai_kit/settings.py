@@ -22,6 +22,10 @@ class DefaiError(Exception):
     "The root of every error defai-kit raises on purpose; its message is one line a user can act on."
     exit_code: int = 1
 
+    def __init__(self, message: str = "", field: str | None = None):
+        super().__init__(message)
+        self.field = field          # the input to blame, when one is: the API's error schema names it
+
 class SettingsError(DefaiError):
     "A setting is missing or invalid."
     exit_code = 2
