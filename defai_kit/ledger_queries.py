@@ -21,7 +21,7 @@ from .intents import IntentState
 from .ledger import BALANCES, FILLS, INTENTS, ORDERS, PLANS, POSITION_LOTS, POSITIONS
 from .positions import Position, PositionError, decimal_amount
 from .settings import DefaiError
-from .store import EventStore, as_utc
+from .store import EventStore, as_utc, read_snapshot
 
 # %% auto #0
 __all__ = ['INTENT_STATES', 'LedgerQueryError', 'IntentNotFound', 'event_record', 'read_intents', 'read_intent', 'read_balances',
@@ -71,7 +71,7 @@ def read_intents(engine: Engine, *, agent_id: str | None = None, venue: str | No
 # %% ../nbs/38_ledger_queries.ipynb #6bbd683c
 def read_intent(engine: Engine, intent_id: str) -> dict[str, Any]:
     "One intent: its row, plan, orders, fills, and every event of its journey in order; IntentNotFound if none."
-    with engine.connect() as connection:
+    with read_snapshot(engine) as connection:          # the row and its fills as one commit left them
         row = connection.execute(sa.select(INTENTS).where(INTENTS.c.intent_id == intent_id)).mappings().one_or_none()
         if row is None:
             raise IntentNotFound(f"intent_id={intent_id!r}: no such intent in the ledger", "intent_id")
@@ -119,7 +119,7 @@ def read_positions(engine: Engine, venue: str | None = None, marks: Mapping[str,
     positions, lot_rows = sa.select(POSITIONS).order_by(POSITIONS.c.venue, POSITIONS.c.symbol), sa.select(POSITION_LOTS)
     if venue is not None:
         positions, lot_rows = positions.where(POSITIONS.c.venue == venue), lot_rows.where(POSITION_LOTS.c.venue == venue)
-    with engine.connect() as connection:
+    with read_snapshot(engine) as connection:          # each position and its lots as one commit left them
         rows = connection.execute(positions).mappings().all()
         held: dict[tuple[str, str], list[list[str]]] = {}
         for row in connection.execute(lot_rows.order_by(*POSITION_LOTS.primary_key.columns)).mappings():

@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import sqlalchemy as sa
 from alembic.config import Config as AlembicConfig
@@ -29,7 +30,8 @@ from .settings import DefaiError
 # %% auto #0
 __all__ = ['Payload', 'UtcDateTime', 'TIME_SERIES_TABLES', 'MIGRATIONS', 'StoreError', 'EventRecord', 'Bar', 'mask_url',
            'make_engine', 'open_store', 'schema_revision', 'upgrade_database', 'head_revision', 'timescale_available',
-           'make_hypertable', 'hypertables', 'as_utc', 'EventStore', 'StoreState', 'database_state', 'require_schema']
+           'make_hypertable', 'hypertables', 'as_utc', 'EventStore', 'StoreState', 'database_state', 'read_snapshot',
+           'require_schema']
 
 # %% ../nbs/04_store.ipynb #6fdd8f79
 class StoreError(DefaiError):
@@ -258,6 +260,16 @@ def database_state(engine: Engine) -> StoreState:
         return StoreState(url=mask_url(str(engine.url.render_as_string(hide_password=False))),
                           backend=connection.dialect.name, revision=schema_revision(connection),
                           head=head_revision(), tables=counts, hypertables=hypertables(connection))
+
+@contextmanager
+def read_snapshot(engine: Engine) -> Iterator[Connection]:
+    "A connection whose reads all see one committed state, while writers go on: a read that spans several tables."
+    with engine.connect() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execution_options(isolation_level="REPEATABLE READ")   # one snapshot for the transaction
+        else:
+            connection.exec_driver_sql("BEGIN")          # SQLite's WAL: the snapshot of the first read, until the end
+        yield connection
 
 def require_schema(engine: Engine) -> Engine:
     "`engine`, once its schema is at this kit's revision; a StoreError that says to run `defai db upgrade` otherwise."

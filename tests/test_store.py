@@ -10,7 +10,7 @@ from sqlalchemy.dialects import postgresql
 
 from defai_kit.events import EventEnvelope
 from defai_kit.store import (EventStore, StoreError, database_state, head_revision, hypertables, open_store,
-                             timescale_available, upgrade_database)
+                             read_snapshot, timescale_available, upgrade_database)
 
 
 @pytest.fixture
@@ -132,3 +132,18 @@ def test_migration_0008_moves_position_lots_into_rows_and_back(engine):
     with engine.connect() as connection:
         assert dict(connection.execute(sa.select(old.c.symbol, old.c.lots)).all()) == {
             "BTC/USDT": [["-1", "100"], ["-0.5", "115"]], "ETH/USDT": []}
+
+
+def test_read_snapshot_sees_one_committed_state(engine):
+    # what a ledger commits while a snapshot reads stays unseen until the snapshot ends, on both backends
+    upgrade_database(engine)
+    insert = sa.text("INSERT INTO balances (venue, asset, amount, updated_at) VALUES (:venue, 'USDT', '1', :moment)")
+    moment = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    count = sa.text("SELECT count(*) FROM balances")
+    with read_snapshot(engine) as connection:
+        assert connection.execute(count).scalar() == 0
+        with engine.begin() as writer:
+            writer.execute(insert, {"venue": "paper", "moment": moment})
+        assert connection.execute(count).scalar() == 0
+    with engine.connect() as connection:
+        assert connection.execute(count).scalar() == 1
