@@ -299,9 +299,11 @@ def replay(check: bool = typer.Option(False, "--check", help="Only compare the s
                                       "exit 1 when they differ")) -> None:
     "Rebuild the ledger's read models (intents, plans, orders, fills, balances, positions, risk) from the event store."
     from defai_kit.ledger import WriterLease, compare_read_models, rebuild_read_models, replay as replay_store
+    from defai_kit.store import read_snapshot
     engine = _store()
     if check:
-        differences = compare_read_models(engine, replay_store(engine))
+        with read_snapshot(engine) as snapshot:           # one committed state, while ledgers go on writing
+            differences = compare_read_models(snapshot, replay_store(snapshot))
         for line in differences[:50]:
             typer.echo(line)
         if differences:

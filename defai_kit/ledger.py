@@ -35,7 +35,7 @@ from .intents import FINAL_STATES, TRANSITIONS, IllegalTransition, IntentState, 
 from .logs import get_logger
 from .positions import Portfolio, Position
 from .settings import DefaiError
-from .store import EventRecord, StoreError, _insert_ignoring_duplicates, as_utc
+from .store import EventRecord, StoreError, _insert_ignoring_duplicates, as_utc, connected
 
 # %% auto #0
 __all__ = ['INTENTS', 'PLANS', 'ORDERS', 'FILLS', 'BALANCES', 'POSITIONS', 'POSITION_LOTS', 'RISK_MEMORY', 'RISK_ACCOUNTS',
@@ -687,7 +687,8 @@ class WriterLease:
 _STORED_EVENTS = ("SELECT event_id, timestamp, topic, correlation_id, causation_id, {payload}, version, sequence "
                   "FROM events WHERE sequence > {mark}{journeys} ORDER BY sequence LIMIT {mark}")
 
-def _stored_events(engine: Engine, batch: int, after: int, journeys: list[str]) -> Iterable[EventEnvelope]:
+def _stored_events(engine: Engine | sa.Connection, batch: int, after: int,
+                   journeys: list[str]) -> Iterable[EventEnvelope]:
     sqlite = engine.dialect.name == "sqlite"     # SQLite hands back what the kit wrote: UTC wall time, JSON text
     mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
     query = _STORED_EVENTS.format(mark=mark, payload="payload" if sqlite else "payload::text",   # msgspec decodes it
@@ -695,7 +696,7 @@ def _stored_events(engine: Engine, batch: int, after: int, journeys: list[str]) 
                                   else "")
     filled, utc, decode = EventEnvelope._filled, timezone.utc, msgspec.json.decode
     while True:
-        with engine.connect() as connection:       # the driver's rows as they are: a replay reads every event
+        with connected(engine) as connection:      # the driver's rows as they are: a replay reads every event
             rows = connection.exec_driver_sql(query, (after, *journeys, batch)).all()
         for event_id, moment, topic, correlation_id, causation_id, payload, version, _ in rows:
             moment = datetime.fromisoformat(moment).replace(tzinfo=utc) if sqlite else as_utc(moment)
@@ -706,7 +707,7 @@ def _stored_events(engine: Engine, batch: int, after: int, journeys: list[str]) 
             return
         after = rows[-1][-1]
 
-def stored_trading_events(engine: Engine, batch: int = 20_000, after: int = 0,
+def stored_trading_events(engine: Engine | sa.Connection, batch: int = 20_000, after: int = 0,
                           journeys: Iterable[str] | None = None) -> Iterable[EventEnvelope]:
     "The events the ledger applied, in its order (numbered after `after`; of `journeys` only, each in order), in batches."
     if journeys is None:
@@ -716,8 +717,8 @@ def stored_trading_events(engine: Engine, batch: int = 20_000, after: int = 0,
     for start in range(0, len(ids), 500):
         yield from _stored_events(engine, batch, after, ids[start:start + 500])
 
-def replay(engine: Engine, models: ReadModels | None = None, after: int = 0) -> ReadModels:
-    "Read models rebuilt from the event store alone; or `models`, holding its events up to `after`, brought up to date."
+def replay(engine: Engine | sa.Connection, models: ReadModels | None = None, after: int = 0) -> ReadModels:
+    "Read models rebuilt from the store (or a `read_snapshot`); or `models`, holding events up to `after`, brought on."
     if models is None:
         models = ReadModels()
         models._log = get_logger("ledger.replay")
@@ -749,11 +750,11 @@ def _keyed(table: sa.Table, rows: Iterable[Mapping[str, Any]]) -> dict[tuple, di
     keys = [c.name for c in table.primary_key.columns]
     return {tuple(row[k] for k in keys): _comparable(row) for row in rows}
 
-def compare_read_models(engine: Engine, models: ReadModels | None = None) -> list[str]:
+def compare_read_models(engine: Engine | sa.Connection, models: ReadModels | None = None) -> list[str]:
     "Every difference between the stored read models and `models` (default: a replay); empty when equal."
     models = models if models is not None else replay(engine)
     differences = []
-    with engine.connect() as connection:
+    with connected(engine) as connection:         # a `read_snapshot`: the tables as the replayed events left them
         for name, table in READ_MODELS.items():
             stored = _keyed(table, connection.execute(sa.select(table)).mappings())
             rebuilt = _keyed(table, models.rows(name))

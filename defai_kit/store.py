@@ -30,8 +30,8 @@ from .settings import DefaiError
 # %% auto #0
 __all__ = ['Payload', 'UtcDateTime', 'TIME_SERIES_TABLES', 'MIGRATIONS', 'StoreError', 'EventRecord', 'Bar', 'mask_url',
            'make_engine', 'open_store', 'schema_revision', 'upgrade_database', 'head_revision', 'timescale_available',
-           'make_hypertable', 'hypertables', 'as_utc', 'EventStore', 'StoreState', 'database_state', 'read_snapshot',
-           'require_schema']
+           'make_hypertable', 'hypertables', 'as_utc', 'EventStore', 'StoreState', 'database_state', 'connected',
+           'read_snapshot', 'require_schema']
 
 # %% ../nbs/04_store.ipynb #6fdd8f79
 class StoreError(DefaiError):
@@ -260,6 +260,15 @@ def database_state(engine: Engine) -> StoreState:
         return StoreState(url=mask_url(str(engine.url.render_as_string(hide_password=False))),
                           backend=connection.dialect.name, revision=schema_revision(connection),
                           head=head_revision(), tables=counts, hypertables=hypertables(connection))
+
+@contextmanager
+def connected(source: Engine | Connection) -> Iterator[Connection]:
+    "A connection to read with: `source` itself when it is one (a `read_snapshot`), else a new one from the engine."
+    if isinstance(source, Connection):
+        yield source
+    else:
+        with source.connect() as connection:
+            yield connection
 
 @contextmanager
 def read_snapshot(engine: Engine) -> Iterator[Connection]:
