@@ -233,11 +233,12 @@ def ledger_routes(app: FastAPI, store_engine: Callable[[], Engine], secured: lis
     @app.get("/v1/intents", dependencies=secured)
     def intents(agent_id: str | None = Query(None, max_length=64), venue: str | None = Query(None, max_length=128),
                 symbol: str | None = Query(None, max_length=32), state: str | None = Query(None, max_length=16),
+                since: str | None = Query(None, max_length=40), until: str | None = Query(None, max_length=40),
                 before: str | None = Query(None, max_length=40),
                 limit: int = Query(100, ge=1, le=1000)) -> list[dict[str, Any]]:
-        "Intents, newest first, filtered; `before` an intent id pages on from it."
-        return read_intents(store_engine(), agent_id=agent_id, venue=venue, symbol=symbol, state=state, before=before,
-                            limit=limit)
+        "Intents, newest first, filtered; made in [`since`, `until`) (ISO 8601); `before` an id pages on from it."
+        return read_intents(store_engine(), agent_id=agent_id, venue=venue, symbol=symbol, state=state, since=since,
+                            until=until, before=before, limit=limit)
 
     @app.get("/v1/intents/{intent_id}", dependencies=secured)
     def intent(intent_id: str) -> dict[str, Any]:

@@ -329,12 +329,15 @@ def ledger_intents(agent: str = typer.Option(None, help="Only this agent's inten
                    venue: str = typer.Option(None, help="Only intents for this venue"),
                    symbol: str = typer.Option(None, help="Only this symbol (BTC/USDT)"),
                    state: str = typer.Option(None, help="Only intents in this state (completed, rejected, ...)"),
+                   since: str = typer.Option(None, help="Only intents made at or after this time (ISO 8601; UTC "
+                                             "unless it names a zone): 2024-05-01, 2024-05-01T12:00:00+02:00"),
+                   until: str = typer.Option(None, help="Only intents made before this time"),
                    before: str = typer.Option(None, help="The page after this intent id"),
                    limit: int = typer.Option(20, help="How many, newest first")) -> None:
     "List intents, newest first: when, agent, venue, side, quantity, symbol, state, what filled, why refused."
     from defai_kit.ledger_queries import read_intents
-    for row in read_intents(_store(), agent_id=agent, venue=venue, symbol=symbol, state=state, before=before,
-                            limit=limit):
+    for row in read_intents(_store(), agent_id=agent, venue=venue, symbol=symbol, state=state, since=since,
+                            until=until, before=before, limit=limit):
         filled = f"filled {row['filled_quantity']} @ {row['average_price']}" if row["average_price"] else "filled 0"
         typer.echo(f"{row['intent_id']}  {row['created_at'][:19].replace('T', ' ')}  {row['agent_id']:<12} {row['venue']:<16} "
                    f"{row['side']:<4} {row['quantity']} {row['symbol']}  {row['state']:<9}  {filled}"

@@ -9,12 +9,13 @@ Docs: https://defai-kit.github.io/defai-kit/ledger_queries.html.md"""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from ulid import ULID
 
 from .events import EventEnvelope
 from .intents import IntentState
@@ -36,7 +37,9 @@ class IntentNotFound(LedgerQueryError):
     "No intent with that id in the ledger."
 
 def _json_value(value: Any) -> Any:
-    return as_utc(value).isoformat() if isinstance(value, datetime) else str(value) if isinstance(value, Decimal) else value
+    if isinstance(value, datetime):
+        return as_utc(value).isoformat()
+    return str(value) if isinstance(value, Decimal) else value
 
 def _json_row(row: Mapping[str, Any]) -> dict[str, Any]:
     "A table row as JSON-ready values: times as ISO text in UTC, amounts as the strings the tables keep."
@@ -54,12 +57,33 @@ def _limit(limit: int, most: int = 1000) -> int:
         raise LedgerQueryError(f"limit={limit!r}: must be a whole number from 1 to {most}", "limit")
     return limit
 
+def _moment(value: datetime | str, field: str) -> datetime:
+    "A time from a datetime or ISO 8601 text (UTC when it names no zone); LedgerQueryError naming `field`."
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise LedgerQueryError(f"{field}={value!r}: expected an ISO 8601 time such as 2024-05-01 or "
+                                   "2024-05-01T12:00:00Z", field) from None
+    if not isinstance(value, datetime):
+        raise LedgerQueryError(f"{field}={value!r}: expected a datetime or ISO 8601 text", field)
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+def _first_id_at(moment: datetime) -> str:
+    "The smallest intent id made at `moment`: ids are `intent-` and a ULID, whose first 10 letters are its millisecond."
+    return "intent-" + str(ULID.from_int(int(moment.timestamp() * 1000) << 80))
+
 def read_intents(engine: Engine, *, agent_id: str | None = None, venue: str | None = None, symbol: str | None = None,
-                 state: str | None = None, before: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-    "Intents from the ledger, newest first, filtered; `before` an intent id: the page after it."
+                 state: str | None = None, since: datetime | str | None = None, until: datetime | str | None = None,
+                 before: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    "Intents from the ledger, newest first, filtered; made in [`since`, `until`); `before` an id: the page after it."
     if state is not None and state not in INTENT_STATES:
         raise LedgerQueryError(f"state={state!r}: must be one of {', '.join(INTENT_STATES)}", "state")
     query = sa.select(INTENTS).order_by(INTENTS.c.intent_id.desc()).limit(_limit(limit))
+    if since is not None:
+        query = query.where(INTENTS.c.intent_id >= _first_id_at(_moment(since, "since")))
+    if until is not None:
+        query = query.where(INTENTS.c.intent_id < _first_id_at(_moment(until, "until")))
     for column, value in (("agent_id", agent_id), ("venue", venue), ("symbol", symbol), ("state", state)):
         if value is not None:
             query = query.where(INTENTS.c[column] == value)
@@ -114,11 +138,12 @@ def parse_marks(texts: Iterable[str]) -> dict[str, Decimal]:
 
 def read_positions(engine: Engine, venue: str | None = None, marks: Mapping[str, Any] | None = None,
                    lots: bool = False) -> list[dict[str, Any]]:
-    "Each position (on `venue`): quantity, cost, realised P&L both ways, fees; unrealised at `marks`; its lots if asked."
+    "Each position (on `venue`): quantity, cost, realised P&L both ways, fees; unrealised at `marks`; lots if asked."
     marks = {symbol: _mark(mark, f"marks[{symbol!r}]") for symbol, mark in (marks or {}).items()}
     positions, lot_rows = sa.select(POSITIONS).order_by(POSITIONS.c.venue, POSITIONS.c.symbol), sa.select(POSITION_LOTS)
     if venue is not None:
-        positions, lot_rows = positions.where(POSITIONS.c.venue == venue), lot_rows.where(POSITION_LOTS.c.venue == venue)
+        positions = positions.where(POSITIONS.c.venue == venue)
+        lot_rows = lot_rows.where(POSITION_LOTS.c.venue == venue)
     with read_snapshot(engine) as connection:          # each position and its lots as one commit left them
         rows = connection.execute(positions).mappings().all()
         held: dict[tuple[str, str], list[list[str]]] = {}
