@@ -24,7 +24,7 @@ from .ledger_queries import (IntentNotFound, LedgerQueryError, event_record, par
                                       read_intent, read_intents, read_positions)
 from .runs import RunError, RunStore
 from .settings import Settings, SettingsError
-from .store import EventStore, StoreError, database_state, open_store
+from .store import EventStore, StoreError, database_state, open_store, require_schema
 
 # %% auto #0
 __all__ = ['ErrorBody', 'ErrorResponse', 'error_response', 'EventOut', 'create_app', 'Rearm', 'agent_routes', 'ledger_routes']
@@ -82,6 +82,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             app.state.engine = open_store(settings.store_url)
         return app.state.engine
 
+    def upgraded_store() -> Engine:
+        "The store once its schema is the kit's; else a StoreError (503) that says to run `defai db upgrade`."
+        return require_schema(store_engine())
+
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
@@ -122,7 +126,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                after: str | None = Query(None, min_length=26, max_length=26),
                limit: int = Query(100, ge=1, le=1000)) -> list[dict[str, Any]]:
         "Stored events in the order they were made, filtered by topic pattern, correlation id, or after an id."
-        found = EventStore(store_engine()).read(topic=topic, correlation_id=correlation_id, after=after, limit=limit)
+        found = EventStore(upgraded_store()).read(topic=topic, correlation_id=correlation_id, after=after, limit=limit)
         return [event_record(event) for event in found]
 
     @app.exception_handler(RunError)
@@ -133,22 +137,22 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     def runs(strategy: str | None = Query(None, max_length=64, pattern=r"^[a-z0-9_]+$"),
              limit: int = Query(50, ge=1, le=500)) -> list[dict[str, Any]]:
         "Stored backtest and walk-forward runs, newest first: strategy, params, data range, config, metrics, report."
-        return [run.summary() for run in RunStore(store_engine()).list(strategy=strategy, limit=limit)]
+        return [run.summary() for run in RunStore(upgraded_store()).list(strategy=strategy, limit=limit)]
 
     @app.get("/v1/runs/compare", dependencies=secured)
     def compare_runs(ids: list[str] = Query(..., min_length=2, max_length=20)) -> dict[str, Any]:
         "Metrics of several runs side by side: for each run id, its strategy, params and metrics."
-        found = [RunStore(store_engine()).get(run_id) for run_id in ids]
+        found = [RunStore(upgraded_store()).get(run_id) for run_id in ids]
         return {run.run_id: {"strategy": run.strategy, "params": run.params, "symbols": run.symbols,
                              "metrics": run.metrics} for run in found}
 
     @app.get("/v1/runs/{run_id}", dependencies=secured)
     def run(run_id: str) -> dict[str, Any]:
         "One stored run."
-        return RunStore(store_engine()).get(run_id).summary()
+        return RunStore(upgraded_store()).get(run_id).summary()
 
     agent_routes(app, store_engine, settings, secured)
-    ledger_routes(app, store_engine, secured)
+    ledger_routes(app, upgraded_store, secured)
     return app
 
 # %% ../nbs/80_api.ipynb #791a1b76
