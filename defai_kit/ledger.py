@@ -42,7 +42,7 @@ __all__ = ['INTENTS', 'PLANS', 'ORDERS', 'FILLS', 'BALANCES', 'POSITIONS', 'POSI
            'READ_MODELS', 'HISTORY', 'CLOSED_GO', 'LEDGER_TOPICS', 'LEDGER_SUBSCRIPTIONS', 'ENDED_KEPT',
            'RATE_SLOT_HORIZON', 'RISK_COLUMNS', 'WRITER_LEASE_SECONDS', 'WRITER_WAIT_SECONDS', 'LedgerError',
            'LeaseLost', 'ReadModels', 'WriterLease', 'stored_trading_events', 'replay', 'compare_read_models',
-           'rebuild_read_models', 'open_read_models', 'stored_intent', 'Ledger']
+           'rebuild_read_models', 'open_read_models', 'stored_positions', 'stored_intent', 'Ledger']
 
 # %% ../nbs/35_ledger.ipynb #c6c4794e
 class LedgerError(DefaiError):
@@ -819,26 +819,36 @@ def open_read_models(engine: Engine) -> ReadModels:
         models.fills.update((key, journeys.fills[key]) for key in row["_fills"])
     return models
 
+def stored_positions(connection: sa.Connection, venue: str | None = None) -> list[tuple[Position, Mapping[str, Any]]]:
+    "Each position the tables hold (on `venue`), by venue and symbol, its open lots read back: with its stored row."
+    positions, lots = sa.select(POSITIONS).order_by(POSITIONS.c.venue, POSITIONS.c.symbol), sa.select(POSITION_LOTS)
+    if venue is not None:
+        positions, lots = positions.where(POSITIONS.c.venue == venue), lots.where(POSITION_LOTS.c.venue == venue)
+    held: dict[tuple[str, str], list[tuple[int, str, str]]] = {}
+    for lot_venue, symbol, *lot in connection.execute(lots.order_by(*POSITION_LOTS.primary_key.columns)):
+        held.setdefault((lot_venue, symbol), []).append(tuple(lot))
+    found = []
+    for row in connection.execute(positions).mappings():
+        key, opened = (row["venue"], row["symbol"]), row["lots_opened"]
+        open_lots = held.pop(key, [])
+        if [number for number, _, _ in open_lots] != list(range(opened - len(open_lots) + 1, opened + 1)):
+            raise LedgerError(f"position_lots {'/'.join(key)}: lots {[n for n, _, _ in open_lots]} are not the newest "
+                              f"of the {opened} it opened; rewrite the tables with `defai replay`")
+        found.append((Position.from_row({**{k: v for k, v in row.items() if k != "updated_at"},
+                                         "lots": [[quantity, price] for _, quantity, price in open_lots]}), row))
+    if held:
+        raise LedgerError(f"position_lots {'/'.join(next(iter(held)))}: lots of no position; rewrite the tables with "
+                          "`defai replay`")
+    return found
+
 def _take_up_tables(models: ReadModels, connection: sa.Connection) -> list[str]:
     "Fill `models` with the balances, positions, risk rows and rate slots the tables hold; the ids of open intents."
     for row in connection.execute(sa.select(BALANCES)).mappings():
         models.portfolio.balances[(row["venue"], row["asset"])] = Decimal(row["amount"])
         models.balance_times[(row["venue"], row["asset"])] = as_utc(row["updated_at"])
-    lots: dict[tuple[str, str], list[tuple[int, str, str]]] = {}
-    for venue, symbol, *lot in connection.execute(sa.select(POSITION_LOTS).order_by(*POSITION_LOTS.primary_key.columns)):
-        lots.setdefault((venue, symbol), []).append(tuple(lot))
-    for row in connection.execute(sa.select(POSITIONS)).mappings():
-        key = (row["venue"], row["symbol"])
-        held = lots.pop(key, [])
-        if [number for number, _, _ in held] != list(range(row["lots_opened"] - len(held) + 1, row["lots_opened"] + 1)):
-            raise LedgerError(f"position_lots {'/'.join(key)}: lots {[n for n, _, _ in held]} are not the newest of the "
-                              f"{row['lots_opened']} it opened; rewrite the tables with `defai replay`")
-        models.portfolio.positions[key] = Position.from_row(
-            {**{k: v for k, v in row.items() if k != "updated_at"}, "lots": [[q, p] for _, q, p in held]})
-        models.position_times[key] = as_utc(row["updated_at"])
-    if lots:
-        raise LedgerError(f"position_lots {'/'.join(next(iter(lots)))}: lots of no position; rewrite the tables with "
-                          "`defai replay`")
+    for position, row in stored_positions(connection):
+        models.portfolio.positions[(position.venue, position.symbol)] = position
+        models.position_times[(position.venue, position.symbol)] = as_utc(row["updated_at"])
     for table, (key, column) in RISK_COLUMNS.items():
         for row in connection.execute(sa.select(READ_MODELS[table])).mappings():
             getattr(models, table)[row[key]] = row[column]

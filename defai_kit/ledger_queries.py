@@ -19,8 +19,8 @@ from ulid import ULID
 
 from .events import EventEnvelope
 from .intents import IntentState
-from .ledger import BALANCES, FILLS, INTENTS, ORDERS, PLANS, POSITION_LOTS, POSITIONS
-from .positions import Position, PositionError, decimal_amount
+from .ledger import BALANCES, FILLS, INTENTS, ORDERS, PLANS, stored_positions
+from .positions import PositionError, decimal_amount
 from .settings import DefaiError
 from .store import EventStore, as_utc, read_snapshot
 
@@ -140,19 +140,10 @@ def read_positions(engine: Engine, venue: str | None = None, marks: Mapping[str,
                    lots: bool = False) -> list[dict[str, Any]]:
     "Each position (on `venue`): quantity, cost, realised P&L both ways, fees; unrealised at `marks`; lots if asked."
     marks = {symbol: _mark(mark, f"marks[{symbol!r}]") for symbol, mark in (marks or {}).items()}
-    positions, lot_rows = sa.select(POSITIONS).order_by(POSITIONS.c.venue, POSITIONS.c.symbol), sa.select(POSITION_LOTS)
-    if venue is not None:
-        positions = positions.where(POSITIONS.c.venue == venue)
-        lot_rows = lot_rows.where(POSITION_LOTS.c.venue == venue)
     with read_snapshot(engine) as connection:          # each position and its lots as one commit left them
-        rows = connection.execute(positions).mappings().all()
-        held: dict[tuple[str, str], list[list[str]]] = {}
-        for row in connection.execute(lot_rows.order_by(*POSITION_LOTS.primary_key.columns)).mappings():
-            held.setdefault((row["venue"], row["symbol"]), []).append([row["quantity"], row["price"]])
+        stored = stored_positions(connection, venue)
     found = []
-    for row in rows:
-        position = Position.from_row({**{k: v for k, v in row.items() if k != "updated_at"},
-                                      "lots": held.get((row["venue"], row["symbol"]), [])})
+    for position, row in stored:
         mark = marks.get(position.symbol)
         found.append({**_json_row(row), "side": position.side, "net_realized_pnl": str(position.net_realized_pnl),
                       "mark": None if mark is None else str(mark),
