@@ -8,13 +8,16 @@ Docs: https://defai-kit.github.io/defai-kit/venues.html.md"""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
-from typing import Any, Literal, Mapping, Protocol, runtime_checkable
+from typing import Any, Iterator, Literal, Mapping, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -22,9 +25,9 @@ from .intents import Side, SymbolParts, amount, first_error_line
 from .settings import DefaiError
 
 # %% auto #0
-__all__ = ['SYMBOL_PATTERN', 'OrderState', 'DONE_STATES', 'IMPACT_CAP', 'QUANTITY_STEP', 'VenueError', 'VenueInputError', 'Quote',
-           'OrderRequest', 'Fill', 'OrderStatus', 'Venue', 'execute_order', 'PaperVenueConfig', 'VenueJournal',
-           'PaperVenue']
+__all__ = ['SYMBOL_PATTERN', 'OrderState', 'DONE_STATES', 'IMPACT_CAP', 'QUANTITY_STEP', 'SHARED_POLL_SECONDS', 'VenueError',
+           'VenueInputError', 'Quote', 'OrderRequest', 'Fill', 'OrderStatus', 'Venue', 'execute_order',
+           'PaperVenueConfig', 'VenueJournal', 'PaperVenue']
 
 # %% ../nbs/32_venues.ipynb #a23c02d9
 class VenueError(DefaiError):
@@ -245,9 +248,11 @@ class VenueJournal:
 
     def __init__(self, path: str | Path, venue: str = "paper"):
         self.path, self.venue = Path(path), venue
+        self._lock: Any = None            # the open lock file while this process holds the lock
+        self._holds = 0                   # how deep this process is inside `locked`
 
-    def append(self, record: Mapping[str, Any]) -> None:
-        "Write `record` as one line and return once it is on disk."
+    def append(self, record: Mapping[str, Any]) -> int:
+        "Write `record` as one line and return once it is on disk; the journal's length in bytes after it."
         line = json.dumps(record, separators=(",", ":")) + "\n"
         created = not self.path.exists()
         if created:
@@ -256,18 +261,22 @@ class VenueJournal:
             file.write(line)
             file.flush()
             os.fsync(file.fileno())
+            length = file.tell()
         if created:
             _sync_folder(self.path.parent)
+        return length
 
-    def records(self) -> list[dict[str, Any]]:
-        "Every complete record; a last line torn by a crash mid-write is cut off the file; VenueError for a damaged one."
+    def read(self, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+        "The complete records after byte `offset` and the offset after them; a torn last line is cut off the file."
         if not self.path.exists():
-            return []
-        data = self.path.read_bytes()
+            return [], 0
+        with self.path.open("rb") as file:
+            file.seek(offset)
+            data = file.read()
         end = data.rfind(b"\n") + 1
         if end < len(data):  # cut the torn tail, so that the next record starts on a line of its own
             with self.path.open("r+b") as file:
-                file.truncate(end)
+                file.truncate(offset + end)
                 file.flush()
                 os.fsync(file.fileno())
         records = []
@@ -277,9 +286,31 @@ class VenueJournal:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                raise VenueError(f"{self.venue}: journal {self.path} line {number} is not a JSON record; "
+                where = f"line {number}" + (f" after byte {offset}" if offset else "")
+                raise VenueError(f"{self.venue}: journal {self.path} {where} is not a JSON record; "
                                  "the file is damaged, restore it or start a new journal") from None
-        return records
+        return records, offset + end
+
+    def records(self) -> list[dict[str, Any]]:
+        "Every complete record; a last line torn by a crash mid-write is cut off the file; VenueError for a damaged one."
+        return self.read()[0]
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        "Hold the journal's lock file (`<journal>.lock`) exclusively: the processes sharing a journal take turns."
+        if self._holds == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.path.with_name(self.path.name + ".lock"), "a")
+            fcntl.flock(self._lock, fcntl.LOCK_EX)         # waits while another process holds it
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            if self._holds == 0:
+                fcntl.flock(self._lock, fcntl.LOCK_UN)
+                self._lock.close()
+                self._lock = None
 
 def _sync_folder(folder: Path) -> None:
     "Sync a folder, so that a file just created in it survives a crash (where the system allows it)."
@@ -295,6 +326,8 @@ def _sync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 # %% ../nbs/32_venues.ipynb #b0a3e6a3
+SHARED_POLL_SECONDS = 0.05     # how often `wait` on a shared paper venue looks at the journal
+
 @dataclass
 class _Market:
     "The latest market update for one symbol, and how much of it the venue's orders may still take (None: all)."
@@ -349,7 +382,7 @@ class PaperVenue:
     def __init__(self, name: str = "paper", balances: Mapping[str, Decimal | str | int] | None = None, *,
                  fee_bps: Decimal | float | str = 10, slippage_bps: Decimal | float | str = 0,
                  impact_coefficient: Decimal | float | str = 0, max_participation: Decimal | float | str | None = None,
-                 latency_seconds: float = 0.0, journal: str | Path | None = None):
+                 latency_seconds: float = 0.0, journal: str | Path | None = None, shared: bool = False):
         if not isinstance(name, str) or not name.strip():
             raise VenueInputError(f"paper venue name={name!r}: must be a non-empty string")
         self.name = name
@@ -366,9 +399,15 @@ class PaperVenue:
         self._resting: dict[str, _PaperOrder] = {}  # orders not done yet, in the order they came
         self._done_signals: dict[str, asyncio.Event] = {}
         self._arrivals: set[asyncio.Task] = set()
+        if shared and (journal is None or self.config.latency_seconds):
+            raise VenueInputError(f"{name} shared=True: a shared paper venue needs a journal (where its processes meet) "
+                                  "and no latency (an order on its way lives in one process)")
+        self.shared = shared
         self.journal = VenueJournal(journal, name) if journal is not None else None
+        self._journal_read = 0          # bytes of the journal applied here: a shared venue catches up from there
         if self.journal is not None:
-            self._load(given if balances is not None else None)
+            with self.journal.locked() if shared else nullcontext():
+                self._load(given if balances is not None else None)
 
     def __repr__(self) -> str:
         return f"PaperVenue({self.name!r}, {len(self._orders)} orders, balances={_amounts(self._balances)})"
@@ -389,11 +428,12 @@ class PaperVenue:
         capacity = None if participation is None else participation * (volume or 0) / price
         self._markets[symbol] = _Market(price, volume, _utc(timestamp, f"{self.name} timestamp"), capacity)
         fills = []
-        for order in list(self._resting.values()):
-            if order.request.symbol == symbol and order.arrived:
-                new = self._fill(order)
-                if new is not None:
-                    fills.append(new)
+        with self._turn():
+            for order in list(self._resting.values()):
+                if order.request.symbol == symbol and order.arrived:
+                    new = self._fill(order)
+                    if new is not None:
+                        fills.append(new)
         return fills
 
     def update_bar(self, symbol: str, bar: Mapping[str, Any]) -> list[Fill]:
@@ -439,16 +479,17 @@ class PaperVenue:
     async def submit(self, built: OrderRequest) -> str:
         "Accept the order and fill what the market allows (after any latency); its venue order id, the first one on a resubmit."
         request = await self.build(built)
-        known = self._orders.get(request.client_order_id)
-        if known is not None:
-            return known.venue_order_id
-        self._market(request.symbol)
-        order = _PaperOrder(request, f"{self.name}-{len(self._orders) + 1}", arrived=self.config.latency_seconds == 0)
-        self._record({"kind": "order", "venue_order_id": order.venue_order_id, "request": request.to_payload()})
-        self._orders[request.client_order_id] = self._resting[request.client_order_id] = order
-        if order.arrived:
-            self._fill(order)
-        else:
+        with self._turn():
+            known = self._orders.get(request.client_order_id)
+            if known is not None:
+                return known.venue_order_id
+            self._market(request.symbol)
+            order = _PaperOrder(request, f"{self.name}-{len(self._orders) + 1}", arrived=self.config.latency_seconds == 0)
+            self._record({"kind": "order", "venue_order_id": order.venue_order_id, "request": request.to_payload()})
+            self._orders[request.client_order_id] = self._resting[request.client_order_id] = order
+            if order.arrived:
+                self._fill(order)
+        if not order.arrived:
             arrival = asyncio.create_task(self._arrive(order))
             self._arrivals.add(arrival)
             arrival.add_done_callback(self._arrivals.discard)
@@ -456,6 +497,8 @@ class PaperVenue:
 
     async def wait(self, client_order_id: str, timeout: float | None = None) -> OrderStatus:
         "The order's status once it is done, or after `timeout` seconds with the fills so far."
+        if self.shared:
+            return await self._wait_shared(client_order_id, timeout)
         order = self._order(client_order_id)
         if not order.done:
             signal = self._done_signals.setdefault(client_order_id, asyncio.Event())
@@ -467,19 +510,22 @@ class PaperVenue:
 
     async def lookup(self, client_order_id: str) -> OrderStatus | None:
         "The order's status, or None when this venue (or its journal) never saw it."
-        order = self._orders.get(client_order_id)
-        return None if order is None else order.status()
+        with self._turn():
+            order = self._orders.get(client_order_id)
+            return None if order is None else order.status()
 
     async def cancel(self, client_order_id: str) -> OrderStatus:
         "Cancel the rest of an open order, keeping its fills; a done order is left as it is."
-        order = self._order(client_order_id)
-        if not order.done:
-            self._end(order, "cancelled", "cancelled on request")
-        return order.status()
+        with self._turn():
+            order = self._order(client_order_id)
+            if not order.done:
+                self._end(order, "cancelled", "cancelled on request")
+            return order.status()
 
     async def balances(self) -> dict[str, Decimal]:
         "The venue's own balances, by asset."
-        return dict(self._balances)
+        with self._turn():
+            return dict(self._balances)
 
     # filling
 
@@ -553,22 +599,50 @@ class PaperVenue:
 
     def _record(self, record: dict[str, Any]) -> None:
         if self.journal is not None:
-            self.journal.append(record)
+            self._journal_read = self.journal.append(record)   # a shared venue writes in its turn: it has read it all
 
     def _load(self, given: dict[str, Decimal] | None) -> None:
         "Start the journal, or replay it: its balances and orders replace the ones given."
         assert self.journal is not None
-        records = self.journal.records()
+        records, self._journal_read = self.journal.read()
         if not records:
             self._record({"kind": "start", "venue": self.name, "balances": _amounts(self._balances)})
             return
+        self._apply(records, given)
+
+    def _apply(self, records: list[dict[str, Any]], given: dict[str, Decimal] | None, offset: int = 0) -> None:
+        "Replay journal `records` (those after byte `offset`)."
         for number, record in enumerate(records, 1):
             try:
                 self._replay(record, given)
             except (KeyError, TypeError, ValidationError, ArithmeticError) as error:
                 problem = str(error).splitlines()[0]
-                raise VenueError(f"{self.name}: journal {self.journal.path} record {number} cannot be read back "
+                where = f"record {number}" + (f" after byte {offset}" if offset else "")
+                raise VenueError(f"{self.name}: journal {self.journal.path} {where} cannot be read back "
                                  f"({type(error).__name__}: {problem})") from None
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        "A shared venue's turn at its journal: the lock held, and what other processes wrote since applied first."
+        if not self.shared:
+            yield
+            return
+        with self.journal.locked():
+            records, offset = self.journal.read(self._journal_read)
+            self._apply(records, None, self._journal_read)
+            self._journal_read = offset
+            yield
+
+    async def _wait_shared(self, client_order_id: str, timeout: float | None) -> OrderStatus:
+        "`wait` on a shared venue: another process may fill the order, so look at the journal until it is done."
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._turn():
+                status = self._order(client_order_id).status()
+            left = None if deadline is None else deadline - time.monotonic()
+            if status.done or (left is not None and left <= 0):
+                return status
+            await asyncio.sleep(SHARED_POLL_SECONDS if left is None else min(SHARED_POLL_SECONDS, left))
 
     def _replay(self, record: dict[str, Any], given: dict[str, Decimal] | None) -> None:
         kind = record.get("kind")
