@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 Modules:
 
+- `defai_kit.agent_workers`: Agents whose intents go to the execution core running as `defai worker` processes over NATS: each agent's paper account served by the workers, its own risk limits in the core worker, the runner publishing and waiting.
 - `defai_kit.agents`: A strategy with its parameters, symbols, venue, sizing, risk limits, schedule and mode, stored in the database, ticked on schedule: the latest closed bars → the strategy's signals → a decision → intents into the execution core, every tick audited.
 - `defai_kit.execution`: The execution core wired together: `submit_intent` → risk → planner → orchestrator → venue, every step an event on the bus, the ledger writing them all.
 - `defai_kit.ledger`: The single writer: it stores every trading event once, in the order it applies them, and keeps the read models (intents, plans, orders, fills, balances, positions) that a replay of the store rebuilds exactly.

@@ -55,8 +55,9 @@ __all__ = ['AGENT_VENUES', 'ID_PATTERN', 'HASHED_COLUMNS', 'PREDICTION_COLUMNS',
            'TickDecision', 'latest_signals', 'resolve_signal', 'entry_quantity', 'decide', 'AgentReplay', 'tick_event',
            'replay_agent_async', 'replay_agent', 'BacktestAgreement', 'compare_to_backtest', 'paper_journal',
            'AgentRecord', 'agent_positions', 'agent_trades', 'agent_account', 'AgentStore', 'runner_name', 'TickResult',
-           'claim_lease', 'release_lease', 'latest_bars', 'tick_agent', 'reconcile_agent', 'rearm_agent', 'agent_risk',
-           'agent_marks', 'agent_report', 'describe_agent', 'describe_agents', 'BarFetcher', 'run_agents']
+           'claim_lease', 'release_lease', 'latest_bars', 'bar_market', 'newest_market', 'tick_agent',
+           'reconcile_agent', 'rearm_agent', 'agent_risk', 'agent_marks', 'agent_report', 'describe_agent',
+           'describe_agents', 'BarFetcher', 'run_agents']
 
 # %% ../nbs/37_agents.ipynb #25d13994
 class AgentError(DefaiError):
@@ -255,9 +256,10 @@ class AgentConfig(BaseModel):
         return f"{self.venue}:{self.agent_id}"
 
     def paper_venue(self, journal: Path | None = None) -> PaperVenue:
-        "The agent's paper account: its initial cash and costs, kept in `journal` (a replay keeps it in memory)."
+        "The agent's paper account: its initial cash and costs, kept in `journal`, which processes share (a replay keeps it in memory)."
         return PaperVenue(self.venue, {self.quote_asset: self.initial_cash}, fee_bps=self.fee_bps,
-                          slippage_bps=self.slippage_bps, impact_coefficient=self.impact_coefficient, journal=journal)
+                          slippage_bps=self.slippage_bps, impact_coefficient=self.impact_coefficient, journal=journal,
+                          shared=journal is not None)
 
 def check_mode(config: AgentConfig, settings: Settings) -> None:
     "Refuse live mode unless live trading is switched on and the agent's venue can trade live."
@@ -965,19 +967,31 @@ def _acting_tick(engine: Engine, agent_id: str, bar_time: pd.Timestamp) -> Mappi
 def latest_bars(config: AgentConfig, store: BarStore, now: datetime | None = None) -> dict[str, pd.DataFrame]:
     "The agent's view at `now`: per symbol the newest `lookback` closed bars in the store, none after the slot."
     now = pd.Timestamp(now or _now())
-    delta = timeframe_delta(config.timeframe)
-    frames = {}
-    for symbol in config.symbols:
-        last = store.last_time(config.exchange, symbol, config.timeframe)
-        if last is None:
-            raise DataError(f"no bars stored for {config.exchange} {symbol} {config.timeframe}; import or fetch them first")
-        end = min(last, now - delta)                       # a bar is closed once its time + timeframe has passed
-        frame = store.load(config.exchange, symbol, config.timeframe, start=end - 2 * config.lookback * delta, end=end)
-        if frame.empty:
-            raise DataError(f"no closed {config.timeframe} bar of {config.exchange} {symbol} before {now:%Y-%m-%d %H:%M} UTC")
-        frames[symbol] = frame
+    frames = {symbol: _closed_bars(config, store, symbol, now, 2 * config.lookback) for symbol in config.symbols}
     slot = min(frame.index[-1] for frame in frames.values())
     return {symbol: frame.loc[:slot].tail(config.lookback) for symbol, frame in frames.items()}
+
+def _closed_bars(config: AgentConfig, store: BarStore, symbol: str, now: pd.Timestamp, span: int) -> pd.DataFrame:
+    "The bars of `symbol` in the `span` bar times up to the newest one closed at `now`; DataError when there is none."
+    delta = timeframe_delta(config.timeframe)
+    last = store.last_time(config.exchange, symbol, config.timeframe)
+    if last is None:
+        raise DataError(f"no bars stored for {config.exchange} {symbol} {config.timeframe}; import or fetch them first")
+    end = min(last, now - delta)                           # a bar is closed once its time + timeframe has passed
+    frame = store.load(config.exchange, symbol, config.timeframe, start=end - span * delta, end=end)
+    if frame.empty:
+        raise DataError(f"no closed {config.timeframe} bar of {config.exchange} {symbol} before {now:%Y-%m-%d %H:%M} UTC")
+    return frame
+
+def bar_market(close: float, volume: float) -> Market:
+    "The market a bar offers a paper fill: its close, and its volume in the quote asset when the bar has one."
+    return Market(_decimal(close), _decimal(close * volume) if np.isfinite(close * volume) else None)
+
+def newest_market(config: AgentConfig, store: BarStore, symbol: str, now: datetime | None = None
+                  ) -> tuple[pd.Timestamp, Market]:
+    "When the newest bar of `symbol` closed at `now` closed, and the market it offers: where a tick's paper fill prices."
+    bar = _closed_bars(config, store, symbol, pd.Timestamp(now or _now()), 0).iloc[-1]
+    return bar.name + timeframe_delta(config.timeframe), bar_market(bar["close"], bar["volume"])
 
 def _outcome(row: Mapping[str, Any]) -> dict[str, Any]:
     "An intent's read-model row as the audit keeps it: JSON types, amounts as strings."
@@ -989,7 +1003,10 @@ _LAST_LEDGERS: weakref.WeakKeyDictionary[Engine, Ledger] = weakref.WeakKeyDictio
 
 async def _send(decision: TickDecision, config: AgentConfig, settings: Settings, engine: Engine,
                 markets: Mapping[str, Market], fill_time: pd.Timestamp, submitted: list[str]) -> list[dict[str, Any]]:
-    "Submit a tick's intents through an execution engine with the agent's paper account; their final rows."
+    "Submit a tick's intents through an execution engine with the agent's paper account (or the workers); final rows."
+    if settings.agent_execution == "workers":
+        from defai_kit.agent_workers import send_through_workers     # it builds on this module
+        return await send_through_workers(decision, config, settings, engine, submitted)
     journal = paper_journal(settings, config)
     new_account = not journal.exists()
     venue = config.paper_venue(journal)
@@ -1070,10 +1087,7 @@ def _tick_leased(config: AgentConfig, base: dict[str, Any], settings: Settings, 
         reason = f"ticked already by {done['tick_id']} ({done['outcome']})"
         _insert_tick(engine, {**base, "outcome": "skipped", "bar_time": slot, "reason": reason})
         return TickResult(tick_id, agent_id, "skipped", reason, slot)
-    markets = {}
-    for symbol, frame in frames.items():
-        close, volume = frame["close"].iloc[-1], frame["volume"].iloc[-1]
-        markets[symbol] = Market(_decimal(close), _decimal(close * volume) if np.isfinite(close * volume) else None)
+    markets = {symbol: bar_market(frame["close"].iloc[-1], frame["volume"].iloc[-1]) for symbol, frame in frames.items()}
     try:
         positions = agent_positions(engine, config)
         decision = decide(config, config.make_strategy(), frames, positions, markets,
@@ -1131,6 +1145,9 @@ def rearm_agent(agent_id: str, reason: str, by: str, *, settings: Settings | Non
     settings = settings if settings is not None else Settings()
     engine = engine if engine is not None else open_store(settings.store_url)
     AgentStore(engine, settings).get(agent_id)                      # AgentNotFound for an unknown agent
+    if settings.agent_execution == "workers":                       # the core worker's ledger and risk take it
+        from defai_kit.agent_workers import rearm_through_workers
+        return run_sync(rearm_through_workers(agent_id, reason, by, settings, engine))
     async def write() -> EventEnvelope:                             # no venue: it resumes no plan, it only writes
         async with ExecutionEngine(engine, {}, since=_LAST_LEDGERS.get(engine)) as core:
             _LAST_LEDGERS[engine] = core.ledger

@@ -418,10 +418,10 @@ def paper_venues(prices: dict[str, str], balances: dict[str, str], fee_bps: str 
 async def run_worker(role: str, settings: Settings, venues: dict[str, Any], stop: asyncio.Event, *,
                      marks: dict[str, Decimal] | None = None, echo: Callable[[str], Any] = print) -> dict[str, Any]:
     "Run the components of `role` on the NATS bus of `settings` until `stop` is set, then stop gracefully."
-    from defai_kit.execution import Orchestrator, PlannerStage, RiskStage
+    from defai_kit.agent_workers import AgentRiskStage, WorkerVenues, worker_risk
+    from defai_kit.execution import Orchestrator, PlannerStage
     from defai_kit.ledger import Ledger
     from defai_kit.nats_bus import bus_from_settings
-    from defai_kit.risk import RiskEngine
     from defai_kit.store import open_store, require_schema
     _check_worker(role, settings)
     marks = dict(marks or {})                        # latest prices, shared by this process's components
@@ -430,15 +430,17 @@ async def run_worker(role: str, settings: Settings, venues: dict[str, Any], stop
     intake: list[Any] = []
     try:
         await bus.connect()
-        if role == "core":
+        if role == "core":                           # every role also serves the agents' paper accounts
             engine = require_schema(open_store(settings.store_url))
             ledger = Ledger.open(engine)
             intake += ledger.attach(bus)
-            intake += RiskStage(RiskEngine.from_settings(settings), ledger.models, venues, marks).attach(bus)
+            intake += AgentRiskStage(worker_risk(settings, engine), ledger.models, WorkerVenues(venues, settings, engine),
+                                     marks).attach(bus)
         elif role == "planner":
-            intake += PlannerStage(venues, marks).attach(bus)
+            intake += PlannerStage(WorkerVenues(venues, settings), marks).attach(bus)
         else:
-            orchestrator = Orchestrator(venues, marks, store=open_store(settings.store_url))   # resumes redeliveries
+            store = open_store(settings.store_url)   # where a plan handed over again is looked up, and the agents
+            orchestrator = Orchestrator(WorkerVenues(venues, settings, store), marks, store=store)
             intake += orchestrator.attach(bus)
         await bus.ready()
         echo(f"worker {role} ready on {settings.bus_url} (pid {os.getpid()})")

@@ -35,7 +35,8 @@ from .venues import OrderRequest, Venue, VenueError
 
 # %% auto #0
 __all__ = ['FINAL_TOPICS', 'Publish', 'STORE_CATCH_UP_SECONDS', 'GC_ALLOCATIONS', 'ExecutionError', 'RiskStage', 'PlannerStage',
-           'Orchestrator', 'Cause', 'relax_garbage_collection', 'ExecutionEngine', 'Difference', 'reconcile']
+           'Orchestrator', 'Cause', 'relax_garbage_collection', 'ExecutionEngine', 'rearm_event', 'Difference',
+           'reconcile']
 
 # %% ../nbs/36_execution.ipynb #f3d7f217
 class ExecutionError(DefaiError):
@@ -472,15 +473,19 @@ async def fund(self: ExecutionEngine, venue: str, asset: str, amount: Decimal | 
     await self.bus.publish(EventEnvelope.new("account.deposited",
                                              {"venue": venue, "asset": asset, "amount": str(Decimal(amount))}))
 
-@patch
-async def rearm(self: ExecutionEngine, agent_id: str, by: str, reason: str) -> EventEnvelope:
-    "Re-arm a halted or reducing agent (`risk.rearmed`): risk measures it again from its next check."
+def rearm_event(agent_id: str, by: str, reason: str) -> EventEnvelope:
+    "The `risk.rearmed` event that re-arms an agent, naming who (`by`) and why; ExecutionError when either is blank."
     reason, by = " ".join(str(reason).split()), " ".join(str(by).split())
     for field, given, ask in (("reason", reason, "why"), ("by", by, "who")):
         if not given:
             raise ExecutionError(f"{field}: say {ask} the agent may trade again; it is kept in the event")
-    event = EventEnvelope.new("risk.rearmed", {"agent_id": agent_id, "by": by, "reason": reason,
-                                               "memory": rearmed_memory()})
+    return EventEnvelope.new("risk.rearmed", {"agent_id": agent_id, "by": by, "reason": reason,
+                                              "memory": rearmed_memory()})
+
+@patch
+async def rearm(self: ExecutionEngine, agent_id: str, by: str, reason: str) -> EventEnvelope:
+    "Re-arm a halted or reducing agent (`risk.rearmed`): risk measures it again from its next check."
+    event = rearm_event(agent_id, by, reason)
     await self.ledger.publish_durably(self.bus, event)
     return event
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceParseError
 
@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     bus_ack_wait_seconds: float = Field(30.0, gt=0, le=3600, description="NATS only: seconds a worker may hold an "
                                         "event unacknowledged, with no word, before the bus hands it to another "
                                         "member of the group (a crashed worker's plans move on after this long)")
+    agent_execution: Literal["engine", "workers"] = Field("engine", description="How agents' intents are executed: "
+                                                          "engine, by the runner's own execution engine and ledger; "
+                                                          "workers, published on the NATS bus for the `defai worker` "
+                                                          "processes (core, planner, orchestrator) to risk-check, plan, "
+                                                          "fill and store")
     api_host: str = Field("127.0.0.1", description="Address the API listens on")
     api_port: int = Field(8000, ge=1, le=65535, description="Port the API listens on")
     api_token: SecretStr | None = Field(None, description="Bearer token every API route but /health requires; "
@@ -71,6 +76,13 @@ class Settings(BaseSettings):
         if url and not url.startswith(("nats://", "tls://")):
             raise ValueError("must be empty (in-process bus) or start with nats://")
         return url
+
+    @field_validator("agent_execution")
+    @classmethod
+    def _workers_need_a_bus(cls, execution: str, info: ValidationInfo) -> str:
+        if execution == "workers" and not info.data.get("bus_url"):
+            raise ValueError("workers are reached over NATS: set DEFAI_BUS_URL (nats://host:4222) too")
+        return execution
 
     @property
     def store_url(self) -> str:

@@ -20,8 +20,12 @@ EXAMPLE_VARIABLES = dict(re.findall(r"^([A-Z_]+)=(.*)$", ENV_EXAMPLE, flags=re.M
 SERVICES = COMPOSE["services"]
 
 
+WORKERS = ("core", "planner", "orchestrator")
+
+
 def test_stack_has_the_five_parts_and_a_migration_step():
-    assert set(SERVICES) == {"timescaledb", "nats", "api", "scheduler", "jupyter", "migrate"}
+    assert set(SERVICES) == {"timescaledb", "nats", "api", "scheduler", "jupyter", "migrate", *WORKERS}
+    assert {name for name, service in SERVICES.items() if "profiles" in service} == set(WORKERS)   # off by default
     assert SERVICES["timescaledb"]["image"].startswith("timescale/timescaledb:")
     assert "--jetstream" in SERVICES["nats"]["command"]
 
@@ -75,6 +79,21 @@ def test_services_run_real_kit_commands():
         program, group, command, *arguments = SERVICES[name]["command"]
         assert program == "defai" and command in root.commands[group].commands, f"{name} runs an unknown command"
         root.commands[group].commands[command].make_context(command, list(arguments))   # raises on a wrong option
+    for name in WORKERS:                     # `defai worker --role NAME`, with the settings every service gets
+        program, command, *arguments = SERVICES[name]["command"]
+        assert program == "defai" and arguments == ["--role", name]
+        root.commands[command].make_context(command, list(arguments))
+        assert SERVICES[name]["environment"] == SERVICES["scheduler"]["environment"]
+        assert SERVICES[name]["volumes"] == ["kit-home:/var/lib/defai"]              # the agents' paper journals
+
+
+def test_the_workers_profile_switches_the_scheduler_to_the_workers():
+    "DEFAI_AGENT_EXECUTION=workers in .env makes the scheduler publish for the workers; its settings validate."
+    environment = SERVICES["scheduler"]["environment"]
+    assert environment["DEFAI_AGENT_EXECUTION"] == "${DEFAI_AGENT_EXECUTION:-engine}"
+    assert EXAMPLE_VARIABLES["DEFAI_AGENT_EXECUTION"] == "engine"
+    settings = Settings(_env_file=None, bus_url=environment["DEFAI_BUS_URL"], agent_execution="workers")
+    assert settings.agent_execution == "workers"
 
 
 def test_the_scheduler_health_check_reads_a_real_runners_heartbeat(tmp_path):

@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import defaultdict
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 from typing import Callable
 
 import orjson
+import pandas as pd
 import pytest
 import sqlalchemy as sa
 
@@ -320,4 +323,70 @@ def test_handed_over_plan_waits_for_a_lagging_ledger(postgres, nats_server, tmp_
         codes, outputs = stop_workers([*workers, *orchestrators[1:]], killed=orchestrators[:1])
     assert codes == STOPPED_GRACEFULLY, outputs
     check_handed_over(engine, journal, intents, finals, outputs)
+    engine.dispose()
+
+
+@pytest.mark.timeout(180)
+def test_agents_trade_through_the_workers(postgres, nats_server, tmp_path, kit_env):
+    """With DEFAI_AGENT_EXECUTION=workers a tick publishes its intents for the three worker processes instead of
+    opening the store's ledger (which the core worker holds): the workers serve each agent's paper account, priced at
+    the bar the tick acted on, and check it under its own risk limits; the fill, the ledger and the journal agree."""
+    from test_agents import BTC, running_agents                 # BTC hours up to a bar where ma_cross enters long
+    from defai_kit.agents import AgentStore, agent_positions, agent_risk, paper_journal, rearm_agent, tick_agent
+    from defai_kit.settings import Settings
+
+    url = postgres.create_database(f"agents_nats_{os.getpid()}")
+    env = dict(kit_env, DEFAI_BUS_URL=nats_server.url, DEFAI_DATABASE_URL=url, DEFAI_LOG_LEVEL="WARNING")
+    _, engine, bar = running_agents(url, env, "nats-btc")
+    agents = AgentStore(engine)
+    agents.create(agent_id="nats-capped", strategy="ma_cross", params={"fast": 12, "slow": 48}, symbols=["BTC/USDT"],
+                  lookback=300, risk_limits={"max_notional": "500"})        # its 1,000 USDT entry is too large
+    agents.start("nats-capped")
+    settings = Settings(_env_file=None, home=env["DEFAI_HOME"], database_url=url, bus_url=nats_server.url,
+                        agent_execution="workers")
+    workers = [WorkerProcess(role, env, tmp_path) for role in ("core", "planner", "orchestrator")]
+    try:
+        for worker in workers:
+            worker.wait_ready()
+        traded = tick_agent("nats-btc", settings=settings, engine=engine)
+        capped = tick_agent("nats-capped", settings=settings, engine=engine)
+        again = tick_agent("nats-btc", settings=settings, engine=engine)
+        rearmed = rearm_agent("nats-capped", reason="limit reviewed", by="risk desk", settings=settings, engine=engine)
+    finally:
+        codes, outputs = stop_workers(workers, killed=[])
+    assert codes == STOPPED_GRACEFULLY, outputs
+    for role, output in outputs.items():
+        assert f"worker {role} stopped:" in output and '"level": "error"' not in output, output[-3000:]
+
+    # the tick traded through the workers: completed, at the close of the bar it acted on, the 10 bp fee on top
+    assert (traded.outcome, [intent["state"] for intent in traded.intents]) == ("ticked", ["completed"])
+    close = Decimal(repr(float(BTC["close"].iloc[bar])))
+    bought = (Decimal(1000) / close).quantize(Decimal("1e-12"), ROUND_DOWN)
+    config = agents.get("nats-btc").config
+    assert agent_positions(engine, config) == {"BTC/USDT": bought}
+    with engine.connect() as connection:
+        fill = connection.execute(sa.text("SELECT venue, quantity, price, fee, filled_at FROM fills")).one()
+        journey = connection.execute(sa.text("SELECT event_id, topic, correlation_id, causation_id FROM events "
+                                             "WHERE correlation_id = :intent"), {"intent": traded.intents[0]["intent_id"]}).all()
+        balances = dict(connection.execute(sa.text("SELECT asset, amount FROM balances WHERE venue = 'paper:nats-btc'")).all())
+    assert (fill.venue, Decimal(fill.quantity), Decimal(fill.price)) == ("paper:nats-btc", bought, close)
+    assert Decimal(fill.fee) == bought * close / 1000
+    assert fill.filled_at == (BTC.index[bar] + pd.Timedelta(hours=1)).to_pydatetime()     # when the bar closed
+    check_chains(journey, [Intent.of(intent_id=traded.intents[0]["intent_id"], symbol="BTC/USDT", side="buy", quantity=1)])
+    assert {asset: Decimal(amount) for asset, amount in balances.items()} == {
+        "USDT": config.initial_cash - bought * close * Decimal("1.001"), "BTC": bought}
+
+    # the capped agent's own limit held in the core worker; the bar is not traded twice; the re-arm was stored
+    assert [(i["state"], i["reason_code"]) for i in capped.intents] == [("rejected", "max_notional")]
+    assert (again.outcome, again.reason) == ("skipped", f"ticked already by {traded.tick_id} (ticked)")
+    assert agent_risk(engine, agents.get("nats-capped").config) == rearmed.payload["memory"]
+
+    # the workers' ledger equals a replay, and each agent's journal agrees with it (`defai reconcile`)
+    assert compare_read_models(engine) == []
+    assert sum('"kind":"order"' in line for line in paper_journal(settings, config).read_text().splitlines()) == 1
+    reconciled = subprocess.run([str(Path(sys.executable).parent / "defai"), "reconcile"], env=env,
+                                capture_output=True, text=True)
+    assert (reconciled.returncode, reconciled.stdout.splitlines()) == (0, [
+        "nats-btc: the ledger and the paper:nats-btc account agree",
+        "nats-capped: the ledger and the paper:nats-capped account agree"]), reconciled.stderr
     engine.dispose()
