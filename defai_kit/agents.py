@@ -1007,9 +1007,7 @@ async def _send(decision: TickDecision, config: AgentConfig, settings: Settings,
     if settings.agent_execution == "workers":
         from defai_kit.agent_workers import send_through_workers     # it builds on this module
         return await send_through_workers(decision, config, settings, engine, submitted)
-    journal = paper_journal(settings, config)
-    new_account = not journal.exists()
-    venue = config.paper_venue(journal)
+    venue = config.paper_venue(paper_journal(settings, config))     # a new journal starts with the initial cash
     for symbol, market in markets.items():
         venue.update_market(symbol, market.price, market.quote_volume, timestamp=fill_time)
     risk = RiskEngine.from_settings(settings, {config.agent_id: config.risk_limits} if config.risk_limits else None)
@@ -1017,8 +1015,8 @@ async def _send(decision: TickDecision, config: AgentConfig, settings: Settings,
                            since=_LAST_LEDGERS.get(engine))   # a runner's ticks replay only what came after the last
     async with core:
         _LAST_LEDGERS[engine] = core.ledger           # the next tick goes on from it, once it is closed
-        if new_account:
-            await core.fund(config.account, config.quote_asset, config.initial_cash)
+        if not any(account == config.account for account, _ in core.ledger.models.portfolio.balances):
+            await core.fund(config.account, config.quote_asset, config.initial_cash)   # the ledger never had it
         for symbol, market in markets.items():
             core.update_mark(symbol, market.price)
         for intent in decision.intents:

@@ -420,7 +420,7 @@ async def run_worker(role: str, settings: Settings, venues: dict[str, Any], stop
     "Run the components of `role` on the NATS bus of `settings` until `stop` is set, then stop gracefully."
     from defai_kit.agent_workers import AgentRiskStage, WorkerVenues, worker_risk
     from defai_kit.execution import Orchestrator, PlannerStage
-    from defai_kit.ledger import Ledger
+    from defai_kit.ledger import CORE_WORKER, Ledger
     from defai_kit.nats_bus import bus_from_settings
     from defai_kit.store import open_store, require_schema
     _check_worker(role, settings)
@@ -432,7 +432,7 @@ async def run_worker(role: str, settings: Settings, venues: dict[str, Any], stop
         await bus.connect()
         if role == "core":                           # every role also serves the agents' paper accounts
             engine = require_schema(open_store(settings.store_url))
-            ledger = Ledger.open(engine)
+            ledger = Ledger.open(engine, role=CORE_WORKER)   # a ledger opened meanwhile elsewhere fails at once
             intake += ledger.attach(bus)
             intake += AgentRiskStage(worker_risk(settings, engine), ledger.models, WorkerVenues(venues, settings, engine),
                                      marks).attach(bus)

@@ -40,9 +40,10 @@ from .store import EventRecord, StoreError, _insert_ignoring_duplicates, as_utc,
 # %% auto #0
 __all__ = ['INTENTS', 'PLANS', 'ORDERS', 'FILLS', 'BALANCES', 'POSITIONS', 'POSITION_LOTS', 'RISK_MEMORY', 'RISK_ACCOUNTS',
            'READ_MODELS', 'HISTORY', 'CLOSED_GO', 'LEDGER_TOPICS', 'LEDGER_SUBSCRIPTIONS', 'ENDED_KEPT',
-           'RATE_SLOT_HORIZON', 'RISK_COLUMNS', 'WRITER_LEASE_SECONDS', 'WRITER_WAIT_SECONDS', 'LedgerError',
-           'LeaseLost', 'ReadModels', 'WriterLease', 'stored_trading_events', 'replay', 'compare_read_models',
-           'rebuild_read_models', 'open_read_models', 'stored_positions', 'stored_intent', 'Ledger']
+           'RATE_SLOT_HORIZON', 'RISK_COLUMNS', 'WRITER_LEASE_SECONDS', 'WRITER_WAIT_SECONDS', 'CORE_WORKER',
+           'LedgerError', 'LeaseLost', 'ReadModels', 'WriterLease', 'stored_trading_events', 'replay',
+           'compare_read_models', 'rebuild_read_models', 'open_read_models', 'stored_positions', 'stored_intent',
+           'Ledger']
 
 # %% ../nbs/35_ledger.ipynb #c6c4794e
 class LedgerError(DefaiError):
@@ -602,6 +603,7 @@ def _recent_event_ids(engine: Engine, count: int, after: int | None = None) -> l
 # %% ../nbs/35_ledger.ipynb #e6b273b0
 WRITER_LEASE_SECONDS = 30.0          # a ledger that stops renewing loses the lease after this long
 WRITER_WAIT_SECONDS = 60.0           # how long a new ledger waits for the lease before it gives up
+CORE_WORKER = "core-worker"          # the role a core worker's lease names: it holds the lease while it runs
 
 _WRITER = sa.Table("ledger_writer", sa.MetaData(), sa.Column("name", sa.String(32), primary_key=True),
                    sa.Column("holder", sa.String(200)), sa.Column("expires_at", _time),
@@ -634,13 +636,17 @@ class WriterLease:
         self._time = _sql_time(engine.dialect.name)
 
     @classmethod
-    def take(cls, engine: Engine, wait_seconds: float = WRITER_WAIT_SECONDS) -> WriterLease:
+    def take(cls, engine: Engine, wait_seconds: float = WRITER_WAIT_SECONDS, role: str | None = None) -> WriterLease:
         "Take the lease, waiting up to `wait_seconds` for the ledger that holds it to close, or its lease to lapse."
-        lease = cls(engine, f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}")
+        holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}" + (f":{role}" if role else "")
+        lease = cls(engine, holder)
         with engine.begin() as connection:
             connection.execute(_insert_ignoring_duplicates(connection, _WRITER, "name"), [{"name": "ledger"}])
         deadline = time.monotonic() + wait_seconds
         while (held := lease._try()) is not None:
+            if held[0].endswith(f":{CORE_WORKER}"):         # it holds the lease for as long as it runs: no use waiting
+                raise LedgerError(f"ledger: a core worker holds this store's writer lease ({held[0]}) for as long as "
+                                  "it runs; send intents to it over the bus (agents: DEFAI_AGENT_EXECUTION=workers)")
             if time.monotonic() >= deadline:
                 raise LedgerError(f"ledger: another ledger writes to this store ({held[0]}, its lease runs until "
                                   f"{held[1]:%H:%M:%S} UTC); one writer at a time: close it, or wait for its lease "
@@ -921,9 +927,10 @@ class Ledger:
         self._log = get_logger("ledger")
 
     @classmethod
-    def open(cls, engine: Engine, wait_seconds: float = WRITER_WAIT_SECONDS, *, since: Ledger | None = None) -> Ledger:
-        "The ledger of the store at `engine`: the writer lease taken, then its live models read from its tables."
-        lease = WriterLease.take(engine, wait_seconds)
+    def open(cls, engine: Engine, wait_seconds: float = WRITER_WAIT_SECONDS, *, since: Ledger | None = None,
+             role: str | None = None) -> Ledger:
+        "The ledger of the store at `engine`: the writer lease taken (naming `role`), then its live models read from its tables."
+        lease = WriterLease.take(engine, wait_seconds, role)
         try:
             continued = _continued(since, engine)            # `since`'s models and remembered ids, if they can go on
             if continued is None:

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from defai_kit.events import EventEnvelope
 from defai_kit.execution import FINAL_TOPICS, reconcile
 from defai_kit.intents import Intent, intent_event
-from defai_kit.ledger import compare_read_models, replay
+from defai_kit.ledger import LedgerError, compare_read_models, replay
 from defai_kit.nats_bus import NatsBus
 from defai_kit.store import open_store, upgrade_database
 from defai_kit.venues import PaperVenue
@@ -348,6 +348,11 @@ def test_agents_trade_through_the_workers(postgres, nats_server, tmp_path, kit_e
     try:
         for worker in workers:
             worker.wait_ready()
+        began = time.monotonic()                # the runner's own engine cannot have the ledger: it says so at once
+        with pytest.raises(LedgerError, match="a core worker holds this store's writer lease"):
+            tick_agent("nats-btc", settings=Settings(_env_file=None, home=env["DEFAI_HOME"], database_url=url),
+                       engine=engine)
+        assert time.monotonic() - began < 10
         traded = tick_agent("nats-btc", settings=settings, engine=engine)
         capped = tick_agent("nats-capped", settings=settings, engine=engine)
         again = tick_agent("nats-btc", settings=settings, engine=engine)
