@@ -36,7 +36,7 @@ from .bus import run_sync
 from .events import EventEnvelope, new_event_id
 from .execution import Difference, ExecutionEngine
 from .intents import Intent
-from .ledger import RISK_MEMORY, Ledger
+from .ledger import INTENTS, RISK_MEMORY, Ledger
 from .ledger_queries import read_positions
 from .logs import get_logger
 from .risk import RiskEngine, RiskError, RiskLimits
@@ -727,14 +727,12 @@ def _record(row: Mapping[str, Any]) -> AgentRecord:
                        locked_until=None if row["locked_until"] is None else as_utc(row["locked_until"]))
 
 # %% ../nbs/37_agents.ipynb #7ff342f6
-# The ledger's intents read model (migration 0003), the columns an agent reads back: its position and trades.
-_INTENTS = sa.table("intents", *(sa.column(name, sa.String) for name in (
-    "intent_id", "agent_id", "venue", "symbol", "side", "state", "reason", "filled_quantity", "average_price", "fees")),
-    sa.column("created_at", _time))
+_AGENT_READS = ("intent_id", "symbol", "side", "state", "reason", "filled_quantity", "average_price", "fees",
+                "created_at")                     # what an agent reads back of the ledger's intents: position, trades
 
 def _agent_intents(engine: Engine, agent_id: str, account: str) -> list[Mapping[str, Any]]:
-    query = (sa.select(_INTENTS).where(_INTENTS.c.agent_id == agent_id, _INTENTS.c.venue == account)
-             .order_by(_INTENTS.c.intent_id))
+    query = (sa.select(*(INTENTS.c[name] for name in _AGENT_READS))
+             .where(INTENTS.c.agent_id == agent_id, INTENTS.c.venue == account).order_by(INTENTS.c.intent_id))
     with engine.connect() as connection:
         return connection.execute(query).mappings().all()
 
