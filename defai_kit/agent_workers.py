@@ -106,7 +106,7 @@ class WorkerVenues(Mapping[str, Any]):
         if not agent_id or name in self.given:
             return None
         try:
-            config = self.agents().get(agent_id).config
+            config = self.agents().get(agent_id, executing=True).config   # it need not know the agent's strategy
         except AgentNotFound:
             return None
         if config.account != name or config.mode != "paper":
@@ -134,7 +134,7 @@ class WorkerVenues(Mapping[str, Any]):
 def worker_risk(settings: Settings, engine: Engine) -> RiskEngine:
     "The core worker's risk engine: the settings' limits, and each stored agent's own limits over them."
     return RiskEngine.from_settings(settings, {record.config.agent_id: record.config.risk_limits
-                                               for record in AgentStore(engine, settings).list()
+                                               for record in AgentStore(engine, settings).list(executing=True)
                                                if record.config.risk_limits})
 
 class AgentRiskStage(RiskStage):

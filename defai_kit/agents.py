@@ -49,8 +49,8 @@ if TYPE_CHECKING:
     from defai_kit.fetch import FetchReport
 
 # %% auto #0
-__all__ = ['AGENT_VENUES', 'ID_PATTERN', 'HASHED_COLUMNS', 'PREDICTION_COLUMNS', 'Action', 'REPLAY_TRADE_COLUMNS', 'AGENTS',
-           'AGENT_TICKS', 'AGENT_STATES', 'LEASE_SECONDS', 'AgentError', 'AgentNotFound', 'AgentConflict',
+__all__ = ['AGENT_VENUES', 'EXECUTING', 'ID_PATTERN', 'HASHED_COLUMNS', 'PREDICTION_COLUMNS', 'Action', 'REPLAY_TRADE_COLUMNS',
+           'AGENTS', 'AGENT_TICKS', 'AGENT_STATES', 'LEASE_SECONDS', 'AgentError', 'AgentNotFound', 'AgentConflict',
            'LiveTradingRefused', 'AgentConfig', 'check_mode', 'bars_hash', 'new_tick_id', 'Market', 'Decision',
            'TickDecision', 'latest_signals', 'resolve_signal', 'entry_quantity', 'decide', 'AgentReplay', 'tick_event',
            'replay_agent_async', 'replay_agent', 'BacktestAgreement', 'compare_to_backtest', 'paper_journal',
@@ -74,7 +74,12 @@ class LiveTradingRefused(AgentError):
     "Live mode asked for where it is not allowed: live trading is off, or the venue cannot trade live."
 
 # %% ../nbs/37_agents.ipynb #af6427d7
-AGENT_VENUES: dict[str, type] = {"paper": PaperVenue}   # venue name -> class; `live` on the class says live-capable
+AGENT_VENUES: dict[str, type] = {"paper": PaperVenue}
+EXECUTING = {"executing": True}   # validation context: a config read to execute intents, its strategy left unchecked
+
+def _checks_strategy(info: ValidationInfo) -> bool:
+    "Whether the strategy is checked: not when the config is read only to execute its intents (`EXECUTING`)."
+    return not (info.context or {}).get("executing")   # venue name -> class; `live` on the class says live-capable
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 def _shown(value: Any) -> str:
@@ -123,7 +128,9 @@ class AgentConfig(BaseModel):
 
     @field_validator("strategy")
     @classmethod
-    def _registered(cls, name: str) -> str:
+    def _registered(cls, name: str, info: ValidationInfo) -> str:
+        if not _checks_strategy(info):
+            return name
         try:
             found = strategy_class(name)
         except StrategyError as error:
@@ -137,7 +144,7 @@ class AgentConfig(BaseModel):
     @field_validator("params")
     @classmethod
     def _fit_strategy(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        if "strategy" not in info.data:
+        if "strategy" not in info.data or not _checks_strategy(info):
             return params
         try:
             return strategy_class(info.data["strategy"])(**params).params
@@ -155,7 +162,8 @@ class AgentConfig(BaseModel):
         quotes = sorted({symbol.split("/")[1] for symbol in symbols})
         if len(quotes) > 1:
             raise ValueError(f"all symbols must share one quote asset (the account's cash), got {', '.join(quotes)}")
-        if "strategy" in info.data and strategy_class(info.data["strategy"]).multi_asset and len(symbols) < 2:
+        if ("strategy" in info.data and _checks_strategy(info) and strategy_class(info.data["strategy"]).multi_asset
+                and len(symbols) < 2):
             raise ValueError(f"strategy {info.data['strategy']!r} trades several symbols together: name at least 2")
         return symbols
 
@@ -179,7 +187,7 @@ class AgentConfig(BaseModel):
     @field_validator("lookback")
     @classmethod
     def _enough_history(cls, lookback: int, info: ValidationInfo) -> int:
-        if "strategy" in info.data and "params" in info.data:
+        if "strategy" in info.data and "params" in info.data and _checks_strategy(info):
             warmup = strategy_class(info.data["strategy"])(**info.data["params"]).startup_candle_count
             if lookback <= warmup:
                 raise ValueError(f"the strategy needs more than {warmup} bars before its first signal; "
@@ -713,10 +721,10 @@ class AgentRecord:
         return {"agent_id": self.agent_id, "state": self.state, "mode": self.config.mode, "version": self.version,
                 **times, "locked_by": self.locked_by, "config": self.config.to_json()}
 
-def _record(row: Mapping[str, Any]) -> AgentRecord:
-    "A row of `agents` as a record; AgentError naming the agent when its stored config no longer passes the checks."
+def _record(row: Mapping[str, Any], executing: bool = False) -> AgentRecord:
+    "A row of `agents` as a record (`executing`: its strategy unchecked); AgentError naming an agent that fails the checks."
     try:
-        config = AgentConfig.model_validate(row["config"])
+        config = AgentConfig.model_validate(row["config"], context=EXECUTING if executing else None)
     except ValidationError as error:
         message, _ = _first_line(error, row["config"])
         raise AgentError(f"agent {row['agent_id']!r}: its stored config no longer passes the checks ({message}); "
@@ -782,20 +790,20 @@ class AgentStore:
         with self.engine.connect() as connection:
             return connection.execute(sa.select(AGENTS).where(AGENTS.c.agent_id == agent_id)).mappings().first()
 
-    def get(self, agent_id: str) -> AgentRecord:
-        "One agent by id; AgentNotFound when there is none (or it was deleted)."
+    def get(self, agent_id: str, *, executing: bool = False) -> AgentRecord:
+        "One agent by id (`executing`: for its intents only, strategy unchecked); AgentNotFound when there is none."
         row = self._row(agent_id)
         if row is None or row["state"] == "deleted":
             raise AgentNotFound(f"agent {agent_id!r}: no such agent; `defai agent list` shows them", "agent_id")
-        return _record(row)
+        return _record(row, executing)
 
-    def list(self, state: str | None = None) -> list[AgentRecord]:
-        "Every agent but the deleted ones, by id; or only those in `state`."
+    def list(self, state: str | None = None, *, executing: bool = False) -> list[AgentRecord]:
+        "Every agent but the deleted ones, by id; or only those in `state` (`executing`: strategies unchecked)."
         query = sa.select(AGENTS).where(AGENTS.c.state != "deleted").order_by(AGENTS.c.agent_id)
         if state is not None:
             query = query.where(AGENTS.c.state == state)
         with self.engine.connect() as connection:
-            return [_record(row) for row in connection.execute(query).mappings()]
+            return [_record(row, executing) for row in connection.execute(query).mappings()]
 
     def create(self, config: AgentConfig | None = None, **values: Any) -> AgentRecord:
         "Store a new agent, stopped; AgentError naming the field for a bad config, AgentConflict for a used id."

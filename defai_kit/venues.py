@@ -327,6 +327,7 @@ def _sync_folder(folder: Path) -> None:
 
 # %% ../nbs/32_venues.ipynb #b0a3e6a3
 SHARED_POLL_SECONDS = 0.05     # how often `wait` on a shared paper venue looks at the journal
+_NO_TURN = nullcontext()
 
 @dataclass
 class _Market:
@@ -621,12 +622,12 @@ class PaperVenue:
                 raise VenueError(f"{self.name}: journal {self.journal.path} {where} cannot be read back "
                                  f"({type(error).__name__}: {problem})") from None
 
-    @contextmanager
-    def _turn(self) -> Iterator[None]:
+    def _turn(self) -> Any:
         "A shared venue's turn at its journal: the lock held, and what other processes wrote since applied first."
-        if not self.shared:
-            yield
-            return
+        return self._shared_turn() if self.shared else _NO_TURN      # a venue of its own: nothing to take
+
+    @contextmanager
+    def _shared_turn(self) -> Iterator[None]:
         with self.journal.locked():
             records, offset = self.journal.read(self._journal_read)
             self._apply(records, None, self._journal_read)
