@@ -154,7 +154,7 @@ class AgentRiskStage(RiskStage):
 
 # %% ../nbs/39_agent_workers.ipynb #ad4164e4
 WORKERS_WAIT_SECONDS = 60.0      # how long a tick waits for the workers to store each intent's end
-POLL_SECONDS = 0.05
+POLL_SECONDS = 0.01             # how often a waiting tick looks at the ledger's tables
 
 def _funded(engine: Engine, config: AgentConfig) -> bool:
     "Whether the ledger holds any balance of the agent's account (its deposit was stored)."
