@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from defai_kit.agents import AgentConfig, AgentStore, tick_agent  # noqa: E402
 from defai_kit.bar_store import open_bar_store  # noqa: E402
@@ -31,7 +33,7 @@ TICKS = 5 if QUICK else 15
 AGENT = dict(strategy="ma_cross", params={"fast": 12, "slow": 48}, symbols=["BTC/USDT"], lookback=300)
 
 
-def entry_bars() -> "pd.DataFrame":
+def entry_bars() -> pd.DataFrame:
     "Real BTC/USDT hours up to a bar on which ma_cross 12/48 enters long."
     btc = read_bars(find_data_dir() / "binance_spot_1h_2021-2023/BTCUSDT_1h.csv").frame
     entries = signals(AgentConfig.of(agent_id="x", **AGENT).make_strategy(), btc.iloc[:3000])["enter_long"]

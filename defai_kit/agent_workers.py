@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from contextlib import asynccontextmanager
 from decimal import Decimal
-from typing import Any, Iterator, Mapping
+from typing import Any, AsyncIterator, Iterator, Mapping
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -23,7 +24,7 @@ from .bar_store import BarStore, open_bar_store
 from .bars import DataError
 from .events import EventEnvelope
 from .execution import RiskStage, rearm_event
-from .intents import FINAL_STATES, Intent, IntentState, intent_event
+from .intents import FINAL_STATES, intent_event
 from .ledger import BALANCES, stored_intent
 from .nats_bus import bus_from_settings
 from .risk import RiskEngine
@@ -181,27 +182,29 @@ async def _until(done: Any, seconds: float) -> bool:
     return True
 
 # %% ../nbs/39_agent_workers.ipynb #d60d61b1
-async def _publish(settings: Settings, events: list[EventEnvelope]) -> None:
-    "Publish `events` on the settings' NATS bus, each stored in the stream before the next."
+@asynccontextmanager
+async def _publishing(settings: Settings) -> AsyncIterator[Any]:
+    "The settings' NATS bus, connected, for a runner that only publishes (each event stored in the stream in turn)."
     bus = bus_from_settings(settings, client_name=f"defai-agent-runner-{os.getpid()}")
     await bus.connect()
     try:
-        for event in events:
-            await bus.publish(event)
+        yield bus
     finally:
         await bus.close(drain=False)
 
 async def send_through_workers(decision: TickDecision, config: AgentConfig, settings: Settings, engine: Engine,
                                submitted: list[str]) -> list[dict[str, Any]]:
     "A tick's intents published for the workers (a new account funded first); each one's final row, as the audit keeps it."
-    if not _funded(engine, config):
-        config.paper_venue(paper_journal(settings, config))            # the journal starts with the initial cash
-        await _publish(settings, [EventEnvelope.new("account.deposited", {
-            "venue": config.account, "asset": config.quote_asset, "amount": str(config.initial_cash)})])
-        if not await _until(lambda: _funded(engine, config), WORKERS_WAIT_SECONDS):
-            raise _no_workers(f"the deposit to {config.account} is not stored", WORKERS_WAIT_SECONDS, settings)
-    await _publish(settings, [intent_event(intent) for intent in decision.intents])
-    submitted.extend(intent.intent_id for intent in decision.intents)
+    async with _publishing(settings) as bus:
+        if not _funded(engine, config):
+            config.paper_venue(paper_journal(settings, config))        # the journal starts with the initial cash
+            await bus.publish(EventEnvelope.new("account.deposited", {
+                "venue": config.account, "asset": config.quote_asset, "amount": str(config.initial_cash)}))
+            if not await _until(lambda: _funded(engine, config), WORKERS_WAIT_SECONDS):
+                raise _no_workers(f"the deposit to {config.account} is not stored", WORKERS_WAIT_SECONDS, settings)
+        for intent in decision.intents:
+            await bus.publish(intent_event(intent))
+            submitted.append(intent.intent_id)                         # sent: the audit says so, whatever follows
     rows = []
     for intent in decision.intents:
         seconds = WORKERS_WAIT_SECONDS + intent.slices * intent.interval_seconds
@@ -217,7 +220,8 @@ async def send_through_workers(decision: TickDecision, config: AgentConfig, sett
 async def rearm_through_workers(agent_id: str, reason: str, by: str, settings: Settings, engine: Engine) -> EventEnvelope:
     "Publish the re-arm of an agent for the core worker; the event, once its ledger has stored it."
     event = rearm_event(agent_id, by, reason)
-    await _publish(settings, [event])
+    async with _publishing(settings) as bus:
+        await bus.publish(event)
     if not await _until(lambda: _stored_event(engine, event.event_id), WORKERS_WAIT_SECONDS):
         raise _no_workers(f"the re-arm of {agent_id} is not stored", WORKERS_WAIT_SECONDS, settings)
     return event

@@ -27,7 +27,7 @@ import msgspec
 
 from fastcore.basics import patch
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 
 from .events import EventEnvelope
@@ -35,7 +35,7 @@ from .intents import FINAL_STATES, TRANSITIONS, IllegalTransition, IntentState, 
 from .logs import get_logger
 from .positions import Portfolio, Position
 from .settings import DefaiError
-from .store import EventRecord, StoreError, _insert_ignoring_duplicates, as_utc, connected
+from .store import EventRecord, _insert_ignoring_duplicates, as_utc, connected
 
 # %% auto #0
 __all__ = ['INTENTS', 'PLANS', 'ORDERS', 'FILLS', 'BALANCES', 'POSITIONS', 'POSITION_LOTS', 'RISK_MEMORY', 'RISK_ACCOUNTS',
