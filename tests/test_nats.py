@@ -354,7 +354,11 @@ def test_agents_trade_through_the_workers(postgres, nats_server, tmp_path, kit_e
                        engine=engine)
         assert time.monotonic() - began < 10
         traded = tick_agent("nats-btc", settings=settings, engine=engine)
-        capped = tick_agent("nats-capped", settings=settings, engine=engine)
+        ticked = subprocess.run([str(Path(sys.executable).parent / "defai"), "agent", "tick", "nats-capped"],
+                                env=dict(env, DEFAI_AGENT_EXECUTION="workers"), capture_output=True, text=True)
+        assert ticked.returncode == 0 and "nats-capped: ticked the bar of" in ticked.stdout.splitlines()[0], ticked
+        assert "-> rejected, max_notional: intent notional" in ticked.stdout, ticked.stdout
+        capped = next(tick for tick in agents.ticks("nats-capped") if tick["outcome"] == "ticked")
         again = tick_agent("nats-btc", settings=settings, engine=engine)
         rearmed = rearm_agent("nats-capped", reason="limit reviewed", by="risk desk", settings=settings, engine=engine)
     finally:
@@ -382,7 +386,7 @@ def test_agents_trade_through_the_workers(postgres, nats_server, tmp_path, kit_e
         "USDT": config.initial_cash - bought * close * Decimal("1.001"), "BTC": bought}
 
     # the capped agent's own limit held in the core worker; the bar is not traded twice; the re-arm was stored
-    assert [(i["state"], i["reason_code"]) for i in capped.intents] == [("rejected", "max_notional")]
+    assert [(i["state"], i["reason_code"]) for i in capped["intents"]] == [("rejected", "max_notional")]   # from the CLI
     assert (again.outcome, again.reason) == ("skipped", f"ticked already by {traded.tick_id} (ticked)")
     assert agent_risk(engine, agents.get("nats-capped").config) == rearmed.payload["memory"]
 
