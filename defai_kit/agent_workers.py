@@ -15,13 +15,14 @@ from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any, AsyncIterator, Iterator, Mapping
 
+import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .agents import (AgentConfig, AgentError, AgentNotFound, AgentStore, TickDecision, _outcome,
+from .agents import (AGENT_TICKS, AgentConfig, AgentError, AgentNotFound, AgentStore, TickDecision, _outcome,
                               newest_market, paper_journal)
 from .bar_store import BarStore, open_bar_store
-from .bars import DataError
+from .bars import DataError, timeframe_delta
 from .events import EventEnvelope
 from .execution import RiskStage, rearm_event
 from .intents import FINAL_STATES, intent_event
@@ -29,7 +30,7 @@ from .ledger import BALANCES, stored_intent
 from .nats_bus import bus_from_settings
 from .risk import RiskEngine
 from .settings import Settings
-from .store import EventRecord, open_store
+from .store import EventRecord, as_utc, open_store
 from .venues import OrderRequest, OrderStatus, Quote, VenueError
 
 # %% auto #0
@@ -38,24 +39,36 @@ __all__ = ['WORKERS_WAIT_SECONDS', 'POLL_SECONDS', 'AgentAccountVenue', 'WorkerV
 
 # %% ../nbs/39_agent_workers.ipynb #d0707327
 class AgentAccountVenue:
-    "An agent's paper account as the workers serve it: its shared journal, priced at the newest closed bar stored."
+    "An agent's paper account as the workers serve it: its shared journal, priced at the bar its newest tick acted on."
     live = False
 
-    def __init__(self, config: AgentConfig, settings: Settings, store: BarStore):
-        self.config, self.store = config, store
+    def __init__(self, config: AgentConfig, settings: Settings, store: BarStore, engine: Engine | None = None):
+        self.config, self.store, self.engine = config, store, engine
         self.paper = config.paper_venue(paper_journal(settings, config))
         self.name = self.paper.name
+
+    def acting_bar(self) -> pd.Timestamp | None:
+        "The bar of the agent's newest tick that sent intents (its audit in the store); None without one."
+        if self.engine is None:
+            return None
+        query = sa.select(sa.func.max(AGENT_TICKS.c.bar_time)).where(
+            AGENT_TICKS.c.agent_id == self.config.agent_id, AGENT_TICKS.c.outcome.in_(("ticking", "ticked")))
+        with self.engine.connect() as connection:
+            newest = connection.execute(query).scalar()
+        return None if newest is None else pd.Timestamp(as_utc(newest))
 
     def __repr__(self) -> str:
         return f"AgentAccountVenue({self.config.account!r})"
 
     def price(self, symbol: str) -> Decimal:
-        "Set the market of `symbol` from its newest closed bar, as the agent's tick saw it; the bar's close."
+        "Set the market of `symbol` from the bar the agent's newest tick acted on (else the newest closed one); its close."
         if symbol not in self.config.symbols:
             raise VenueError(f"{self.config.account}: agent {self.config.agent_id!r} trades "
                              f"{', '.join(self.config.symbols)}, not {symbol}")
+        bar = self.acting_bar()                        # the bar its tick acted on; else the newest closed one
         try:
-            closed, market = newest_market(self.config, self.store, symbol)
+            closed, market = newest_market(self.config, self.store, symbol,
+                                           None if bar is None else bar + timeframe_delta(self.config.timeframe))
         except DataError as error:
             raise VenueError(f"{self.config.account}: {error}") from None
         self.paper.update_market(symbol, market.price, market.quote_volume, timestamp=closed)
@@ -114,8 +127,9 @@ class WorkerVenues(Mapping[str, Any]):
             return None
         known = self.accounts.get(name)
         if known is None or known.config != config:
-            known = self.accounts[name] = AgentAccountVenue(config, self.settings,
-                                                            open_bar_store(self.settings, self.agents().engine))
+            engine = self.agents().engine
+            known = self.accounts[name] = AgentAccountVenue(config, self.settings, open_bar_store(self.settings, engine),
+                                                            engine)
         return known
 
     def __getitem__(self, name: str) -> Any:

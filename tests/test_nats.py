@@ -333,6 +333,7 @@ def test_agents_trade_through_the_workers(postgres, nats_server, tmp_path, kit_e
     the bar the tick acted on, and check it under its own risk limits; the fill, the ledger and the journal agree."""
     from test_agents import BTC, running_agents                 # BTC hours up to a bar where ma_cross enters long
     from defai_kit.agents import AgentStore, agent_positions, agent_risk, paper_journal, rearm_agent, tick_agent
+    from defai_kit.bar_store import open_bar_store
     from defai_kit.settings import Settings
 
     url = postgres.create_database(f"agents_nats_{os.getpid()}")
@@ -353,13 +354,16 @@ def test_agents_trade_through_the_workers(postgres, nats_server, tmp_path, kit_e
             tick_agent("nats-btc", settings=Settings(_env_file=None, home=env["DEFAI_HOME"], database_url=url),
                        engine=engine)
         assert time.monotonic() - began < 10
-        traded = tick_agent("nats-btc", settings=settings, engine=engine)
         ticked = subprocess.run([str(Path(sys.executable).parent / "defai"), "agent", "tick", "nats-capped"],
                                 env=dict(env, DEFAI_AGENT_EXECUTION="workers"), capture_output=True, text=True)
         assert ticked.returncode == 0 and "nats-capped: ticked the bar of" in ticked.stdout.splitlines()[0], ticked
         assert "-> rejected, max_notional: intent notional" in ticked.stdout, ticked.stdout
         capped = next(tick for tick in agents.ticks("nats-capped") if tick["outcome"] == "ticked")
-        again = tick_agent("nats-btc", settings=settings, engine=engine)
+        # the next bar is stored before nats-btc's tick of the entry bar: the workers must still fill at the entry bar
+        open_bar_store(settings, engine).upsert("binance", "BTC/USDT", "1h", BTC.iloc[bar + 1: bar + 2])
+        at_entry = BTC.index[bar] + pd.Timedelta(minutes=61)
+        traded = tick_agent("nats-btc", settings=settings, engine=engine, now=at_entry)
+        again = tick_agent("nats-btc", settings=settings, engine=engine, now=at_entry)
         rearmed = rearm_agent("nats-capped", reason="limit reviewed", by="risk desk", settings=settings, engine=engine)
     finally:
         codes, outputs = stop_workers(workers, killed=[])
@@ -370,6 +374,7 @@ def test_agents_trade_through_the_workers(postgres, nats_server, tmp_path, kit_e
     # the tick traded through the workers: completed, at the close of the bar it acted on, the 10 bp fee on top
     assert (traded.outcome, [intent["state"] for intent in traded.intents]) == ("ticked", ["completed"])
     close = Decimal(repr(float(BTC["close"].iloc[bar])))
+    assert close != Decimal(repr(float(BTC["close"].iloc[bar + 1])))     # the bar that closed since would show
     bought = (Decimal(1000) / close).quantize(Decimal("1e-12"), ROUND_DOWN)
     config = agents.get("nats-btc").config
     assert agent_positions(engine, config) == {"BTC/USDT": bought}
