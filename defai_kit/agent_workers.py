@@ -158,14 +158,21 @@ class AgentRiskStage(RiskStage):
     async def check(self, event: EventEnvelope) -> None:
         payload = event.payload
         account = self.venues.account(str(payload.get("venue", ""))) if isinstance(self.venues, WorkerVenues) else None
-        if account is not None and account.config.agent_id == payload.get("agent_id"):
-            self.risk.set_agent_limits(account.config.agent_id, account.config.risk_limits or {})
-            symbol = str(payload.get("symbol"))
-            try:
-                self.marks[symbol] = account.price(symbol)
-            except VenueError:
-                self.marks.pop(symbol, None)           # no price: risk denies the intent with no_price
-        await super().check(event)
+        if account is None or account.config.agent_id != payload.get("agent_id"):
+            return await super().check(event)
+        self.risk.set_agent_limits(account.config.agent_id, account.config.risk_limits or {})
+        symbol = str(payload.get("symbol"))
+        kept = self.marks.pop(symbol, None)            # the worker's own mark, for the other venues' intents
+        try:
+            self.marks[symbol] = account.price(symbol)
+        except VenueError:
+            pass                                       # no price: risk denies the intent with no_price
+        try:
+            await super().check(event)
+        finally:
+            self.marks.pop(symbol, None)
+            if kept is not None:
+                self.marks[symbol] = kept
 
 # %% ../nbs/39_agent_workers.ipynb #ad4164e4
 WORKERS_WAIT_SECONDS = 60.0      # how long a tick waits for the workers to store each intent's end
