@@ -57,7 +57,7 @@ __all__ = ['AGENT_VENUES', 'EXECUTING', 'ID_PATTERN', 'HASHED_COLUMNS', 'PREDICT
            'AgentRecord', 'agent_positions', 'agent_trades', 'agent_account', 'AgentStore', 'runner_name', 'TickResult',
            'claim_lease', 'release_lease', 'latest_bars', 'bar_market', 'newest_market', 'tick_agent',
            'reconcile_agent', 'rearm_agent', 'agent_risk', 'agent_marks', 'agent_report', 'describe_agent',
-           'describe_agents', 'BarFetcher', 'run_agents']
+           'describe_agents', 'BarFetcher', 'touch_heartbeat', 'run_agents']
 
 # %% ../nbs/37_agents.ipynb #25d13994
 class AgentError(DefaiError):
@@ -1269,7 +1269,7 @@ class BarFetcher:
                 for symbol in config.symbols]
 
 # %% ../nbs/37_agents.ipynb #ca636c34
-def _beat(heartbeat: Path | str | None) -> None:
+def touch_heartbeat(heartbeat: Path | str | None) -> None:
     "Set the heartbeat file's time to now (made if missing), if there is one; a runner that cannot says so at once."
     if heartbeat is None:
         return
@@ -1295,7 +1295,7 @@ def run_agents(settings: Settings | None = None, agent_ids: Sequence[str] = (), 
     boundaries: dict[str, pd.Timestamp] = {}
     results: list[TickResult] = []
     while stop is None or not stop.is_set():
-        _beat(heartbeat)
+        touch_heartbeat(heartbeat)
         now = pd.Timestamp(clock())
         running = [r for r in agents.list("running") if not agent_ids or r.agent_id in agent_ids]
         if not running and once:
@@ -1304,7 +1304,7 @@ def run_agents(settings: Settings | None = None, agent_ids: Sequence[str] = (), 
         for record in running:
             if stop is not None and stop.is_set():
                 return results
-            _beat(heartbeat)                                 # a round of many agents is no stall
+            touch_heartbeat(heartbeat)                       # a round of many agents is no stall
             interval, delay = record.config.interval, pd.Timedelta(seconds=record.config.tick_delay_seconds)
             boundary = (now - delay).floor(interval)
             if once or boundaries.get(record.agent_id) != boundary:

@@ -20,9 +20,9 @@ from .settings import DefaiError, Settings, load_settings, settings_example
 
 # %% auto #0
 __all__ = ['app', 'db_app', 'settings_app', 'api_app', 'data_app', 'API_URL_HELP', 'runs_app', 'CONFIG_HELP', 'ledger_app',
-           'WORKER_ROLES', 'agent_app', 'AGENT_SET_HELP', 'RISK_HELP', 'FETCH_HELP', 'HEARTBEAT_HELP', 'version',
-           'demo', 'db_upgrade', 'db_state', 'data_import', 'data_fetch', 'data_list', 'settings_show',
-           'settings_example_command', 'api_serve', 'CommandLineError', 'strategies', 'backtest',
+           'WORKER_ROLES', 'WORKER_BEAT_SECONDS', 'agent_app', 'AGENT_SET_HELP', 'RISK_HELP', 'FETCH_HELP',
+           'HEARTBEAT_HELP', 'version', 'demo', 'db_upgrade', 'db_state', 'data_import', 'data_fetch', 'data_list',
+           'settings_show', 'settings_example_command', 'api_serve', 'CommandLineError', 'strategies', 'backtest',
            'walk_forward_command', 'runs_list', 'runs_show', 'runs_compare', 'replay', 'ledger_intents',
            'ledger_intent', 'ledger_balances', 'ledger_positions', 'paper_venues', 'run_worker', 'worker',
            'agent_create', 'agent_list', 'agent_show', 'agent_update', 'agent_start', 'agent_stop', 'agent_rearm',
@@ -415,8 +415,19 @@ def paper_venues(prices: dict[str, str], balances: dict[str, str], fee_bps: str 
         venue.update_market(symbol, price)
     return {name: venue}
 
+WORKER_BEAT_SECONDS = 10.0      # how often a worker touches its heartbeat file while its bus is connected
+
+async def _beating(bus: Any, heartbeat: Path) -> None:
+    "Touch `heartbeat` every `WORKER_BEAT_SECONDS` while `bus` is connected: a worker cut off from NATS goes stale."
+    from defai_kit.agents import touch_heartbeat
+    while True:
+        await asyncio.sleep(WORKER_BEAT_SECONDS)
+        if bus.connected:
+            touch_heartbeat(heartbeat)
+
 async def run_worker(role: str, settings: Settings, venues: dict[str, Any], stop: asyncio.Event, *,
-                     marks: dict[str, Decimal] | None = None, echo: Callable[[str], Any] = print) -> dict[str, Any]:
+                     marks: dict[str, Decimal] | None = None, echo: Callable[[str], Any] = print,
+                     heartbeat: Path | None = None) -> dict[str, Any]:
     "Run the components of `role` on the NATS bus of `settings` until `stop` is set, then stop gracefully."
     from defai_kit.agent_workers import AgentRiskStage, WorkerVenues, worker_risk
     from defai_kit.execution import Orchestrator, PlannerStage
@@ -426,7 +437,7 @@ async def run_worker(role: str, settings: Settings, venues: dict[str, Any], stop
     _check_worker(role, settings)
     marks = dict(marks or {})                        # latest prices, shared by this process's components
     bus = bus_from_settings(settings, client_name=f"defai-worker-{role}-{os.getpid()}")
-    ledger = engine = orchestrator = None
+    ledger = engine = orchestrator = beating = None
     intake: list[Any] = []
     try:
         await bus.connect()
@@ -443,9 +454,15 @@ async def run_worker(role: str, settings: Settings, venues: dict[str, Any], stop
             orchestrator = Orchestrator(WorkerVenues(venues, settings, store), marks, store=store)
             intake += orchestrator.attach(bus)
         await bus.ready()
+        if heartbeat is not None:
+            from defai_kit.agents import touch_heartbeat
+            touch_heartbeat(heartbeat)               # a file it cannot write fails the start, in one line
+            beating = asyncio.get_running_loop().create_task(_beating(bus, heartbeat))
         echo(f"worker {role} ready on {settings.bus_url} (pid {os.getpid()})")
         await stop.wait()
     finally:                                         # take nothing new, finish what was taken, commit, disconnect
+        if beating is not None:
+            beating.cancel()
         for subscription in intake:
             bus.unsubscribe(subscription)
         if orchestrator is not None:
@@ -471,6 +488,8 @@ def worker(
     latency_seconds: float = typer.Option(0.0, min=0, help="Orchestrator: seconds before a paper order reaches the market"),
     journal: str = typer.Option(None, help="Orchestrator: the paper venue's journal file; its orders and balances "
                                 "survive a restart, so a new orchestrator finds the orders a dead one sent"),
+    heartbeat: Path | None = typer.Option(None, "--heartbeat", help="Touch this file every 10 s while connected to "
+                                          "NATS, for a health check"),
 ) -> None:
     "Run the execution components of one role over NATS (DEFAI_BUS_URL, DEFAI_DATABASE_URL) until SIGTERM."
     _check_worker(role)
@@ -489,7 +508,7 @@ def worker(
         if threading.current_thread() is threading.main_thread():   # signals reach the main thread only
             for signal_number in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signal_number, stop.set)
-        await run_worker(role, settings, venues, stop, marks=marks, echo=typer.echo)
+        await run_worker(role, settings, venues, stop, marks=marks, echo=typer.echo, heartbeat=heartbeat)
     from defai_kit.bus import run_sync
     from defai_kit.execution import relax_garbage_collection
     relax_garbage_collection()                       # for the process's lifetime, as the in-process engine does

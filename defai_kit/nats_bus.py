@@ -354,6 +354,11 @@ class NatsBus:
     def __repr__(self) -> str:
         return f"NatsBus({self.url!r}, stream={self.stream!r})"
 
+    @property
+    def connected(self) -> bool:
+        "Whether the bus is connected to its server now (it reconnects by itself after a drop)."
+        return self._connection is not None and self._connection.is_connected and not self._closed
+
     def _fail(self, problem: str) -> BusError:
         return BusError(f"bus_url {self.url}: {problem}")
 

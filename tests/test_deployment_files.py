@@ -81,10 +81,40 @@ def test_services_run_real_kit_commands():
         root.commands[group].commands[command].make_context(command, list(arguments))   # raises on a wrong option
     for name in WORKERS:                     # `defai worker --role NAME`, with the settings every service gets
         program, command, *arguments = SERVICES[name]["command"]
-        assert program == "defai" and arguments == ["--role", name]
+        assert program == "defai" and arguments[:2] == ["--role", name] and arguments[2] == "--heartbeat"
         root.commands[command].make_context(command, list(arguments))
         assert SERVICES[name]["environment"] == SERVICES["scheduler"]["environment"]
         assert SERVICES[name]["volumes"] == ["kit-home:/var/lib/defai"]              # the agents' paper journals
+
+
+def test_a_worker_health_check_reads_a_real_workers_heartbeat(tmp_path):
+    """The workers' health check, run as Docker would (its path swapped for a temporary one), against the heartbeat of
+    a real `defai worker` on a real nats-server: healthy while the worker runs, unhealthy once the file is a minute
+    old (a worker cut off from NATS stops touching it) or missing."""
+    from servers import NatsServer, WorkerProcess
+    command = SERVICES["planner"]["command"]
+    heartbeat = command[command.index("--heartbeat") + 1]
+    assert all(SERVICES[name]["command"][-1] == heartbeat for name in WORKERS)
+    check = [sys.executable if part == "python" else part.replace(heartbeat, str(tmp_path / "alive"))
+             for part in SERVICES["planner"]["healthcheck"]["test"][1:]]
+    with NatsServer() as nats_server:
+        environment = {**{k: v for k, v in os.environ.items() if not k.startswith("DEFAI_")},
+                       "DEFAI_BUS_URL": nats_server.url, "DEFAI_HOME": str(tmp_path)}
+        worker = WorkerProcess("planner", environment, tmp_path, "--heartbeat", str(tmp_path / "alive")).wait_ready()
+        try:
+            assert subprocess.run(check).returncode == 0
+        finally:
+            assert worker.stop() == 0, worker.output()
+        unwritable = subprocess.run([str(Path(sys.executable).parent / "defai"), "worker", "--role", "planner",
+                                     "--heartbeat", str(tmp_path / "missing" / "alive")], env=environment,
+                                    capture_output=True, text=True, timeout=60)
+        assert (unwritable.returncode, unwritable.stderr.strip().splitlines()[-1]) == (
+            2, f"error: heartbeat: cannot write {tmp_path / 'missing' / 'alive'}: No such file or directory")
+    stale = time.time() - 61
+    os.utime(tmp_path / "alive", (stale, stale))
+    assert subprocess.run(check).returncode == 1
+    (tmp_path / "alive").unlink()
+    assert subprocess.run(check, stderr=subprocess.DEVNULL).returncode == 1
 
 
 def test_the_workers_profile_switches_the_scheduler_to_the_workers():
