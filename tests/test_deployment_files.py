@@ -92,11 +92,8 @@ def test_a_worker_health_check_reads_a_real_workers_heartbeat(tmp_path):
     a real `defai worker` on a real nats-server: healthy while the worker runs, unhealthy once the file is a minute
     old (a worker cut off from NATS stops touching it) or missing."""
     from servers import NatsServer, WorkerProcess
-    command = SERVICES["planner"]["command"]
-    heartbeat = command[command.index("--heartbeat") + 1]
-    assert all(SERVICES[name]["command"][-1] == heartbeat for name in WORKERS)
-    check = [sys.executable if part == "python" else part.replace(heartbeat, str(tmp_path / "alive"))
-             for part in SERVICES["planner"]["healthcheck"]["test"][1:]]
+    assert len({str(SERVICES[name]["command"][-1]) for name in WORKERS}) == 1     # one heartbeat path, one check
+    check = health_check("planner", tmp_path / "alive")
     with NatsServer() as nats_server:
         environment = {**{k: v for k, v in os.environ.items() if not k.startswith("DEFAI_")},
                        "DEFAI_BUS_URL": nats_server.url, "DEFAI_HOME": str(tmp_path)}
@@ -110,11 +107,7 @@ def test_a_worker_health_check_reads_a_real_workers_heartbeat(tmp_path):
                                     capture_output=True, text=True, timeout=60)
         assert (unwritable.returncode, unwritable.stderr.strip().splitlines()[-1]) == (
             2, f"error: heartbeat: cannot write {tmp_path / 'missing' / 'alive'}: No such file or directory")
-    stale = time.time() - 61
-    os.utime(tmp_path / "alive", (stale, stale))
-    assert subprocess.run(check).returncode == 1
-    (tmp_path / "alive").unlink()
-    assert subprocess.run(check, stderr=subprocess.DEVNULL).returncode == 1
+    assert_healthy_until_stale(check, tmp_path / "alive", 61)
 
 
 def test_the_workers_profile_switches_the_scheduler_to_the_workers():
@@ -126,26 +119,35 @@ def test_the_workers_profile_switches_the_scheduler_to_the_workers():
     assert settings.agent_execution == "workers"
 
 
+def health_check(service: str, alive: Path) -> list[str]:
+    "The service's health check as Docker runs it, with its heartbeat file's path swapped for `alive`."
+    command = SERVICES[service]["command"]
+    heartbeat = command[command.index("--heartbeat") + 1]
+    return [sys.executable if part == "python" else part.replace(heartbeat, str(alive))
+            for part in SERVICES[service]["healthcheck"]["test"][1:]]
+
+
+def assert_healthy_until_stale(check: list[str], alive: Path, seconds: float) -> None:
+    "Healthy while `alive` is fresh; unhealthy once it is `seconds` old, and once it is gone."
+    assert subprocess.run(check).returncode == 0
+    stale = time.time() - seconds
+    os.utime(alive, (stale, stale))
+    assert subprocess.run(check).returncode == 1
+    alive.unlink()
+    assert subprocess.run(check, stderr=subprocess.DEVNULL).returncode == 1
+
+
 def test_the_scheduler_health_check_reads_a_real_runners_heartbeat(tmp_path):
     """The scheduler's health check, run as Docker would (its path swapped for a temporary one), against the
     heartbeat of a real `defai agent run`: healthy while the file is fresh, unhealthy once it is 5 minutes old or
     missing (a runner that stalled or never started)."""
-    command = SERVICES["scheduler"]["command"]
-    heartbeat = command[command.index("--heartbeat") + 1]
     assert SERVICES["scheduler"]["stop_grace_period"] == "60s"      # SIGTERM: the tick in progress may finish
-    check = [sys.executable if part == "python" else part.replace(heartbeat, str(tmp_path / "alive"))
-             for part in SERVICES["scheduler"]["healthcheck"]["test"][1:]]
     environment = {**os.environ, "DEFAI_HOME": str(tmp_path), "DEFAI_DATABASE_URL": ""}
     defai = Path(sys.executable).parent / "defai"
     for arguments in (["db", "upgrade"], ["agent", "run", "--once", "--heartbeat", str(tmp_path / "alive")]):
         ran = subprocess.run([str(defai), *arguments], env=environment, capture_output=True, text=True, timeout=120)
         assert ran.returncode == 0, ran.stderr
-    assert subprocess.run(check).returncode == 0
-    stale = time.time() - 301
-    os.utime(tmp_path / "alive", (stale, stale))
-    assert subprocess.run(check).returncode == 1
-    (tmp_path / "alive").unlink()
-    assert subprocess.run(check, stderr=subprocess.DEVNULL).returncode == 1
+    assert_healthy_until_stale(health_check("scheduler", tmp_path / "alive"), tmp_path / "alive", 301)
 
 
 def test_env_example_lists_every_setting_with_its_default():
