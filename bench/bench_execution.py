@@ -3,7 +3,8 @@ persisted, on SQLite and PostgreSQL, against a naive ledger (one database transa
 the same sustained, with a client keeping 1,000 intents open (it submits the next as the oldest is stored); and the
 pre-chain latency, submit -> plan.created, p50 and p99; and an agent runner's trading tick (start an engine, one
 intent, stop) on the store the runs left: opening the ledger from its tables, against replaying the whole store (as
-every start did before 2026-12-06) and against going on from the last tick's ledger.
+every start did before 2026-12-06) and against going on from the last tick's ledger. Last, once, the ceiling the
+flow itself sets: the same burst with nothing written (no rows built, no SQL), on a throwaway store.
 
 Run: .venv/bin/python bench/bench_execution.py [--quick]   (about a minute; starts a throwaway PostgreSQL on
 127.0.0.1 when its binaries are installed)
@@ -127,6 +128,27 @@ async def trading_ticks(url: str, count: int, start: str) -> float:
     return statistics.median(samples[1:] if start == "going on" else samples)   # going on: the first tick opens
 
 
+async def in_memory_only(url: str, count: int) -> float:
+    "The burst with the ledger's writes taken out (no rows built, no SQL): what the flow's own Python allows."
+    writing, row_building = Ledger._store, ledger_module._Statements.model_rows
+    Ledger._store = lambda self, batch, changed, parked=None: len(batch)        # this process only, restored below
+    ledger_module._Statements.model_rows = lambda self, models, changed: {}
+    try:
+        core = make_core(url)
+        intents = [Intent.of(symbol="BTC/USDT", side="buy", quantity="0.001", max_slippage_bps=50) for _ in range(count)]
+        async with core:
+            await core.fund("paper", "USDT", "10000000000")
+            began = time.perf_counter()
+            for intent in intents:
+                await core.submit_intent(intent)
+            ended = [await core.wait(intent.intent_id, timeout=600) for intent in intents]
+            seconds = time.perf_counter() - began
+        core.engine.dispose()
+    finally:
+        Ledger._store, ledger_module._Statements.model_rows = writing, row_building
+    return sum(1 for row in ended if row["state"] == "completed") / seconds
+
+
 def run(url: str, label: str) -> None:
     seconds, completed, differences = asyncio.run(throughput(url, INTENTS))
     naive_count = INTENTS // 5
@@ -154,6 +176,9 @@ def main() -> None:
     print("== defai-kit execution benchmark ==")
     with tempfile.TemporaryDirectory() as folder:
         run(f"sqlite:///{folder}/bench.db", "SQLite")
+        ceiling = asyncio.run(in_memory_only(f"sqlite:///{folder}/nothing-written.db", INTENTS))
+        print(f"the flow alone, {INTENTS:,} intents with nothing written (no rows, no SQL): {ceiling:>8,.0f} intents/s, "
+              "the most any writer could leave it")
     try:
         from servers import PostgresServer
         with PostgresServer() as server:
