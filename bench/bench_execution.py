@@ -59,22 +59,30 @@ def make_core(url: str, naive: bool = False, since: Ledger | None = None) -> Exe
     return core
 
 
-async def throughput(url: str, count: int, naive: bool = False,
-                     in_flight: int | None = None) -> tuple[float, int, list[str]]:
-    "`count` intents sent at once, or by a client keeping `in_flight` open (the next sent as the oldest is stored)."
-    core = make_core(url, naive)
+async def timed_burst(core: ExecutionEngine, count: int,
+                      in_flight: int | None = None) -> tuple[list[Intent], float, list[dict]]:
+    "`count` intents through `core`, sent at once or keeping `in_flight` open: the intents, seconds, their final rows."
     intents = [Intent.of(symbol="BTC/USDT", side="buy", quantity="0.001", max_slippage_bps=50) for _ in range(count)]
     in_flight = in_flight or count
+    ended = []
     async with core:
         await core.fund("paper", "USDT", "10000000000")
         began = time.perf_counter()
         for number, intent in enumerate(intents):
             if number >= in_flight:
-                await core.wait(intents[number - in_flight].intent_id, timeout=600)
+                ended.append(await core.wait(intents[number - in_flight].intent_id, timeout=600))
             await core.submit_intent(intent)
         for intent in intents[-in_flight:]:
-            await core.wait(intent.intent_id, timeout=600)
+            ended.append(await core.wait(intent.intent_id, timeout=600))
         seconds = time.perf_counter() - began
+    return intents, seconds, ended
+
+
+async def throughput(url: str, count: int, naive: bool = False,
+                     in_flight: int | None = None) -> tuple[float, int, list[str]]:
+    "`count` intents sent at once, or by a client keeping `in_flight` open (the next sent as the oldest is stored)."
+    core = make_core(url, naive)
+    intents, seconds, _ = await timed_burst(core, count, in_flight)
     if naive:
         core._restore()
     with core.engine.connect() as connection:                 # ended intents leave the ledger's memory: read the table
@@ -135,14 +143,7 @@ async def in_memory_only(url: str, count: int) -> float:
     ledger_module._Statements.model_rows = lambda self, models, changed: {}
     try:
         core = make_core(url)
-        intents = [Intent.of(symbol="BTC/USDT", side="buy", quantity="0.001", max_slippage_bps=50) for _ in range(count)]
-        async with core:
-            await core.fund("paper", "USDT", "10000000000")
-            began = time.perf_counter()
-            for intent in intents:
-                await core.submit_intent(intent)
-            ended = [await core.wait(intent.intent_id, timeout=600) for intent in intents]
-            seconds = time.perf_counter() - began
+        _, seconds, ended = await timed_burst(core, count)
         core.engine.dispose()
     finally:
         Ledger._store, ledger_module._Statements.model_rows = writing, row_building
