@@ -20,7 +20,8 @@ from .logs import get_logger
 from .settings import DefaiError
 
 # %% auto #0
-__all__ = ['Handler', 'BusError', 'Overflow', 'Subscription', 'InProcessBus', 'delivery_attempt', 'delivery', 'run_sync']
+__all__ = ['Handler', 'HANDLED_PER_TURN', 'BusError', 'Overflow', 'Subscription', 'InProcessBus', 'delivery_attempt', 'delivery',
+           'run_sync']
 
 # %% ../nbs/03_bus.ipynb #3bff2ab4
 class BusError(DefaiError):
@@ -33,6 +34,7 @@ class Overflow(str, Enum):
 
 Handler = Callable[[EventEnvelope], Awaitable[None] | None]
 _STOP = object()
+HANDLED_PER_TURN = 256   # events a handler subscription takes from its queue before it lets the event loop run others
 
 # %% ../nbs/03_bus.ipynb #259ba87e
 class Subscription:
@@ -80,7 +82,8 @@ class Subscription:
         assert self.handler is not None
         handler, queue = self.handler, self.queue
         while (event := await self._next()) is not _STOP:
-            while True:  # handle everything already queued before going back to the event loop
+            turn = HANDLED_PER_TURN
+            while True:  # handle what is already queued before going back to the event loop, a turn at a time
                 try:
                     result = handler(event)
                     if result is not None and inspect.isawaitable(result):
@@ -93,6 +96,10 @@ class Subscription:
                     queue.task_done()
                 if queue.empty():
                     break
+                turn -= 1
+                if not turn:                 # others wait too: the ledger's finished write, a timer, a socket
+                    await asyncio.sleep(0)
+                    turn = HANDLED_PER_TURN
                 event = queue.get_nowait()
                 if event is _STOP:
                     queue.task_done()
