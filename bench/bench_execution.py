@@ -1,10 +1,11 @@
 """Execution-core benchmark: intents per second through risk -> plan -> paper fill -> ledger with every event
-persisted, on SQLite and PostgreSQL, against a naive ledger (one database transaction per event) in the same run;
-the same sustained, with a client keeping 1,000 intents open (it submits the next as the oldest is stored); and the
-pre-chain latency, submit -> plan.created, p50 and p99; and an agent runner's trading tick (start an engine, one
-intent, stop) on the store the runs left: opening the ledger from its tables, against replaying the whole store (as
-every start did before 2026-12-06) and against going on from the last tick's ledger. Last, once, the ceiling the
-flow itself sets: the same burst with nothing written (no rows built, no SQL), on a throwaway store.
+persisted, on SQLite and PostgreSQL; the same burst with every batch stored by the ledger's writer thread (no batch
+written by a forked copy, as before 2026-12-07) and with a naive ledger (one database transaction per event), in the
+same run; the same sustained, with a client keeping 1,000 intents open (it submits the next as the oldest is
+stored); the pre-chain latency, submit -> plan.created, p50 and p99; and an agent runner's trading tick (start an
+engine, one intent, stop) on the store the runs left: opening the ledger from its tables, against replaying the
+whole store (as every start did before 2026-12-06) and against going on from the last tick's ledger. Last, once, the
+ceiling the flow itself sets: the same burst with nothing written (no rows built, no SQL), on a throwaway store.
 
 Run: .venv/bin/python bench/bench_execution.py [--quick]   (about a minute; starts a throwaway PostgreSQL on
 127.0.0.1 when its binaries are installed)
@@ -16,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 
@@ -57,6 +59,17 @@ def make_core(url: str, naive: bool = False, since: Ledger | None = None) -> Exe
         Ledger.open = classmethod(lambda cls, engine, **_: NaiveLedger(engine))   # this process only
         core._restore = lambda: setattr(Ledger, "open", original)
     return core
+
+
+@contextmanager
+def thread_writer_only():
+    "Every batch stored by the ledger's writer thread, as before 2026-12-07 (no batch written by a forked copy)."
+    forking = ledger_module.CAN_FORK
+    ledger_module.CAN_FORK = False                     # read as each ledger opens; this process only
+    try:
+        yield
+    finally:
+        ledger_module.CAN_FORK = forking
 
 
 async def timed_burst(core: ExecutionEngine, count: int,
@@ -143,7 +156,8 @@ async def in_memory_only(url: str, count: int) -> float:
     ledger_module._Statements.model_rows = lambda self, models, changed: {}
     try:
         core = make_core(url)
-        _, seconds, ended = await timed_burst(core, count)
+        with thread_writer_only():                        # nothing to write: no child to fork for it
+            _, seconds, ended = await timed_burst(core, count)
         core.engine.dispose()
     finally:
         Ledger._store, ledger_module._Statements.model_rows = writing, row_building
@@ -157,6 +171,11 @@ def run(url: str, label: str) -> None:
     rate, naive_rate = completed / seconds, naive_completed / naive_seconds
     print(f"{label:<10} {INTENTS:,} intents, every event stored: {rate:>8,.0f} intents/s "
           f"({rate * 8:,.0f} events/s); replay equals live: {not differences}")
+    with thread_writer_only():
+        thread_seconds, thread_completed, thread_differences = asyncio.run(throughput(url, INTENTS))
+    thread_rate = thread_completed / thread_seconds
+    print(f"{label:<10} the same, every batch stored by the writer thread (before 2026-12-07): {thread_rate:>8,.0f} "
+          f"intents/s; replay equals live: {not thread_differences}  => forked writer {rate / thread_rate:,.2f}x")
     print(f"{label:<10} naive ledger, one transaction per event ({naive_count:,} intents): {naive_rate:,.0f} intents/s"
           f"  => {rate / naive_rate:,.1f}x")
     steady_seconds, steady_completed, steady_differences = asyncio.run(throughput(url, INTENTS, in_flight=IN_FLIGHT))

@@ -9,9 +9,12 @@ Docs: https://defai-kit.github.io/defai-kit/ledger.html.md"""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import secrets
+import signal
 import socket
+import sys
 import time
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -41,9 +44,9 @@ from .store import EventRecord, _insert_ignoring_duplicates, as_utc, connected
 __all__ = ['INTENTS', 'PLANS', 'ORDERS', 'FILLS', 'BALANCES', 'POSITIONS', 'POSITION_LOTS', 'RISK_MEMORY', 'RISK_ACCOUNTS',
            'READ_MODELS', 'HISTORY', 'CLOSED_GO', 'LEDGER_TOPICS', 'LEDGER_SUBSCRIPTIONS', 'ENDED_KEPT',
            'RATE_SLOT_HORIZON', 'RISK_COLUMNS', 'WRITER_LEASE_SECONDS', 'WRITER_WAIT_SECONDS', 'CORE_WORKER',
-           'LedgerError', 'LeaseLost', 'ReadModels', 'WriterLease', 'stored_trading_events', 'replay',
-           'compare_read_models', 'rebuild_read_models', 'open_read_models', 'stored_positions', 'stored_intent',
-           'Ledger']
+           'FORK_FROM_EVENTS', 'CAN_FORK', 'LedgerError', 'LeaseLost', 'ReadModels', 'WriterLease',
+           'stored_trading_events', 'replay', 'compare_read_models', 'rebuild_read_models', 'open_read_models',
+           'stored_positions', 'stored_intent', 'Ledger']
 
 # %% ../nbs/35_ledger.ipynb #c6c4794e
 class LedgerError(DefaiError):
@@ -895,6 +898,82 @@ def stored_intent(engine: Engine, intent_id: str) -> dict[str, Any] | None:
                 as_utc(v) if isinstance(v, datetime) else v) for k, v in row.items()}
 
 
+# %% ../nbs/35_ledger.ipynb #1b9df912
+FORK_FROM_EVENTS = 1_000                             # a batch this large is written by a forked copy of the process
+CAN_FORK = sys.platform == "linux" and hasattr(os, "fork")   # macOS forks unsafely once system frameworks loaded
+
+class _ForkedWrite:
+    "One batch written by a forked copy of this process; `future` gets the child's count of new events, or its error."
+
+    def __init__(self, write: Callable[[], int], engine: Engine):
+        loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[int] = loop.create_future()
+        reading, writing = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            _write_in_child(write, engine, reading, writing)   # never returns
+        os.close(writing)
+        self._reading, self._report, self._loop, self._open = reading, bytearray(), loop, True
+        loop.add_reader(reading, self._readable)
+
+    def _readable(self) -> None:
+        if data := os.read(self._reading, 65_536):
+            self._report += data
+        else:
+            self._finish()
+
+    def _finish(self) -> None:
+        "The child has exited: reap it, and settle `future` with what it reported (or with its death)."
+        self._open = False
+        self._loop.remove_reader(self._reading)
+        os.close(self._reading)
+        status = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        try:
+            kind, value = msgspec.json.decode(bytes(self._report))
+        except msgspec.DecodeError:
+            kind, value = "LedgerError", (f"ledger: the forked writer ended without storing its batch (exit status "
+                                          f"{status}); nothing of the batch was committed")
+        if not self.future.done():
+            self.future.set_result(value) if kind == "stored" else self.future.set_exception(
+                (LeaseLost if kind == "LeaseLost" else LedgerError)(value))
+
+    def wait(self) -> None:
+        "Block until the child has reported and exited (closing a ledger: its write ends before the lease goes)."
+        if not self._open:
+            return
+        os.set_blocking(self._reading, True)
+        while data := os.read(self._reading, 65_536):
+            self._report += data
+        try:
+            self._finish()
+        except RuntimeError:                               # the event loop is closed: nobody waits on the write now
+            pass
+
+def _write_in_child(write: Callable[[], int], engine: Engine, reading: int, writing: int) -> None:
+    "In the forked child: write the batch in new connections, report the outcome on the pipe, exit at once."
+    status = 1
+    try:
+        os.close(reading)
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent: the child finishes its write
+        except ValueError:                                 # forked from a thread Python does not count as main
+            pass
+        gc.disable()                                       # short-lived: collecting would only copy shared pages
+        engine.dispose(close=False)                        # the parent's connections stay the parent's
+        try:
+            outcome = ["stored", write()]
+        except LedgerError as error:
+            outcome = [type(error).__name__, str(error)]
+        except Exception as error:                         # a bug: the parent still hears of it, in one line
+            outcome = ["LedgerError", f"ledger: the forked writer failed: {error!r}"[:300]]
+        report = msgspec.json.encode(outcome)
+        while report:
+            report = report[os.write(writing, report):]
+        status = 0
+    finally:
+        os._exit(status)                                   # no atexit, no buffers flushed twice, no parent code
+
+
 # %% ../nbs/35_ledger.ipynb #e6828e10
 class Ledger:
     "The single writer of trading events and read models."
@@ -908,7 +987,7 @@ class Ledger:
         with engine.connect() as connection:
             self.sequence = (_newest_sequence(connection) or 0) + 1
         self.committed = self.sequence - 1                   # the highest sequence number known to be on disk
-        self.stored = self.duplicates = self.batches = 0
+        self.stored = self.duplicates = self.batches = self.forked = 0
         self.window = window
         self._seen: dict[str, None] = seen if seen is not None else dict.fromkeys(_recent_event_ids(engine, window))
         for _ in range(len(self._seen) - window):            # ids handed on: only the newest `window`
@@ -919,6 +998,8 @@ class Ledger:
         self._pending: list[tuple[int, EventEnvelope]] = []
         self._statements = _Statements(engine)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ledger-writer")
+        self.fork_from = FORK_FROM_EVENTS if CAN_FORK else None   # batches this large are written by a forked copy
+        self._child: _ForkedWrite | None = None               # the forked copy writing now, if one is
         self._writes: list[asyncio.Future] = []              # batches handed to the writer, not yet committed
         self._durable: dict[str, asyncio.Future[None]] = {}     # event id -> publish_durably's waiter
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}  # sequence -> waiters, until it is committed
@@ -1066,14 +1147,33 @@ def receive(self: Ledger, event: EventEnvelope) -> None:
 
 @patch
 def _flush(self: Ledger) -> None:
-    "Hand what is pending to the writer thread, one batch at a time: what arrives meanwhile makes the next batch."
+    "Hand what is pending to the writer, one batch at a time: what arrives meanwhile makes the next batch."
     self._flush_handle = None
     if not self._pending or self._writes:
         return
-    batch, changed, parked = self._take_batch()
-    write = asyncio.get_running_loop().run_in_executor(self._writer, self._store, batch, changed, parked)
+    if self.fork_from is not None and len(self._pending) >= self.fork_from:
+        batch, write = self._fork_batch()
+    else:
+        batch, changed, parked = self._take_batch()
+        write = asyncio.get_running_loop().run_in_executor(self._writer, self._store, batch, changed, parked)
     self._writes.append(write)
     write.add_done_callback(partial(self._committed, batch))
+
+@patch
+def _fork_batch(self: Ledger) -> tuple[list[tuple[int, EventEnvelope]], asyncio.Future[int]]:
+    "`_take_batch` handed on: the rows built and written by a forked child from its copy of the models."
+    batch, self._pending = self._pending, []
+    dirty, waiting = self.models.take_dirty(), self.models.waiting
+    parked = _sql_json(sorted(waiting)) if waiting else None
+    rows = partial(self._statements.model_rows, self.models, dirty)
+    try:
+        self._child = _ForkedWrite(lambda: self._store(batch, rows(), parked), self.engine)
+        write, self.forked = self._child.future, self.forked + 1
+    except OSError as error:                             # no fork now (memory, a process limit): the thread writes
+        self._log.warning("writer not forked; the writer thread stores this batch", error=str(error))
+        write = asyncio.get_running_loop().run_in_executor(self._writer, self._store, batch, rows(), parked)
+    self.models.forget_finished()                        # their rows are taken (or the child has them)
+    return batch, write
 
 @patch
 def _committed(self: Ledger, batch: list, write: asyncio.Future) -> None:
@@ -1120,9 +1220,11 @@ async def stored_through(self: Ledger, sequence: int) -> None:
 
 @patch
 def close(self: Ledger) -> None:
-    "Stop the writer thread (after the writes handed to it) and give the writer lease back."
+    "Stop the writer (after the writes handed to it) and give the writer lease back."
     if self._lease_timer is not None:
         self._lease_timer.cancel()
+    if self._child is not None:
+        self._child.wait()
     self._writer.shutdown(wait=True)
     self.lease.release()
     self.closed = True

@@ -1,6 +1,7 @@
 """The execution core on each backend (SQLite and a real PostgreSQL server on 127.0.0.1): the whole flow on paper,
 replay equal to live (its raw reading of the store equal to the checked one), a ledger opening from its tables
-equal to both (and an old store replayed once), and a duplicated delivery that changes nothing."""
+equal to both (and an old store replayed once), a burst whose large batches a forked copy of the process writes,
+and a duplicated delivery that changes nothing."""
 from __future__ import annotations
 
 import asyncio
@@ -80,6 +81,35 @@ def test_flow_replay_equals_live(database_url):
     checked = {event.event_id: event for event in EventStore(core.engine).read()}
     assert len(read_back) == len(checked) > 400
     assert read_back == [checked[event.event_id] for event in read_back]
+
+
+async def run_burst(url: str, count: int, fork_from: int) -> ExecutionEngine:
+    "`count` intents submitted at once, every batch of `fork_from` events or more written by a forked child."
+    engine = open_store(url)
+    upgrade_database(engine)
+    venue = PaperVenue("paper", {"USDT": "100000000"}, fee_bps=10, slippage_bps=2)
+    venue.update_market("BTC/USDT", "30000", quote_volume="1000000000")
+    core = ExecutionEngine(engine, {"paper": venue}, risk=RiskEngine(RiskLimits.of(max_notional="1000000")))
+    async with core:
+        core.ledger.fork_from = fork_from
+        await core.fund("paper", "USDT", "100000000")
+        ids = [await core.submit_intent(symbol="BTC/USDT", side="buy", quantity="0.01") for _ in range(count)]
+        for intent_id in ids:
+            await core.wait(intent_id)
+    return core
+
+
+def test_forked_writer_replay_equals_live(database_url):
+    core = asyncio.run(run_burst(database_url, 400, fork_from=200))
+    assert core.ledger.forked >= 1, (core.ledger.forked, core.ledger.batches)
+    with core.engine.connect() as connection:
+        states = list(connection.execute(sa.select(INTENTS.c.state)).scalars())
+    assert states == ["completed"] * 400
+    assert EventStore(core.engine).count() == 1 + 400 * 8
+    assert compare_read_models(core.engine) == []
+    assert compare_read_models(core.engine, core.ledger.models) == []      # balances, positions, lots, risk's rows
+    [position] = read_positions(core.engine, marks={"BTC/USDT": "30000"}, lots=True)
+    assert Decimal(position["quantity"]) == Decimal("4.00") and len(position["lots"]) == 400
 
 
 def test_duplicate_delivery_changes_nothing(database_url):
