@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,9 +45,9 @@ from .store import EventRecord, _insert_ignoring_duplicates, as_utc, connected
 __all__ = ['INTENTS', 'PLANS', 'ORDERS', 'FILLS', 'BALANCES', 'POSITIONS', 'POSITION_LOTS', 'RISK_MEMORY', 'RISK_ACCOUNTS',
            'READ_MODELS', 'HISTORY', 'CLOSED_GO', 'LEDGER_TOPICS', 'LEDGER_SUBSCRIPTIONS', 'ENDED_KEPT',
            'RATE_SLOT_HORIZON', 'RISK_COLUMNS', 'WRITER_LEASE_SECONDS', 'WRITER_WAIT_SECONDS', 'CORE_WORKER',
-           'FORK_FROM_EVENTS', 'CAN_FORK', 'LedgerError', 'LeaseLost', 'ReadModels', 'WriterLease',
-           'stored_trading_events', 'replay', 'compare_read_models', 'rebuild_read_models', 'open_read_models',
-           'stored_positions', 'stored_intent', 'Ledger']
+           'FORK_FROM_EVENTS', 'FORKED_WRITE_SECONDS', 'CAN_FORK', 'LedgerError', 'LeaseLost', 'ReadModels',
+           'WriterLease', 'stored_trading_events', 'replay', 'compare_read_models', 'rebuild_read_models',
+           'open_read_models', 'stored_positions', 'stored_intent', 'Ledger']
 
 # %% ../nbs/35_ledger.ipynb #c6c4794e
 class LedgerError(DefaiError):
@@ -900,6 +901,7 @@ def stored_intent(engine: Engine, intent_id: str) -> dict[str, Any] | None:
 
 # %% ../nbs/35_ledger.ipynb #1b9df912
 FORK_FROM_EVENTS = 1_000                             # a batch this large is written by a forked copy of the process
+FORKED_WRITE_SECONDS = 120.0                         # a forked writer that has not reported by then is killed
 CAN_FORK = sys.platform == "linux" and hasattr(os, "fork")   # macOS forks unsafely once system frameworks loaded
 
 class _ForkedWrite:
@@ -909,12 +911,21 @@ class _ForkedWrite:
         loop = asyncio.get_running_loop()
         self.future: asyncio.Future[int] = loop.create_future()
         reading, writing = os.pipe()
-        self.pid = os.fork()
+        with warnings.catch_warnings():                  # Python 3.12 warns of forking beside threads: see above
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.pid = os.fork()
         if self.pid == 0:
             _write_in_child(write, engine, reading, writing)   # never returns
         os.close(writing)
         self._reading, self._report, self._loop, self._open = reading, bytearray(), loop, True
         loop.add_reader(reading, self._readable)
+        self._overdue = loop.call_later(FORKED_WRITE_SECONDS, self._kill)
+        self._killed = False
+
+    def _kill(self) -> None:
+        "It has not reported in time (stuck on a lock a thread of the parent held as it forked): end it."
+        self._killed = True
+        os.kill(self.pid, signal.SIGKILL)
 
     def _readable(self) -> None:
         if data := os.read(self._reading, 65_536):
@@ -925,13 +936,16 @@ class _ForkedWrite:
     def _finish(self) -> None:
         "The child has exited: reap it, and settle `future` with what it reported (or with its death)."
         self._open = False
+        self._overdue.cancel()
         self._loop.remove_reader(self._reading)
         os.close(self._reading)
         status = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
         try:
             kind, value = msgspec.json.decode(bytes(self._report))
         except msgspec.DecodeError:
-            kind, value = "LedgerError", (f"ledger: the forked writer ended without storing its batch (exit status "
+            kind, value = "LedgerError", (f"ledger: the forked writer did not report within {FORKED_WRITE_SECONDS:g} s "
+                                          "and was killed; its batch is not stored" if self._killed else
+                                          f"ledger: the forked writer ended without storing its batch (exit status "
                                           f"{status}); nothing of the batch was committed")
         if not self.future.done():
             self.future.set_result(value) if kind == "stored" else self.future.set_exception(
@@ -1005,6 +1019,7 @@ class Ledger:
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}  # sequence -> waiters, until it is committed
         self._flush_handle: asyncio.Handle | None = None
         self._lease_timer: asyncio.TimerHandle | None = None
+        self._renewal: asyncio.Future | None = None          # the lease renewal on the writer thread, if one runs
         self._log = get_logger("ledger")
 
     @classmethod
@@ -1151,7 +1166,8 @@ def _flush(self: Ledger) -> None:
     self._flush_handle = None
     if not self._pending or self._writes:
         return
-    if self.fork_from is not None and len(self._pending) >= self.fork_from:
+    thread_idle = self._renewal is None or self._renewal.done()   # no SQLite mutex of its own held as it forks
+    if self.fork_from is not None and len(self._pending) >= self.fork_from and thread_idle:
         batch, write = self._fork_batch()
     else:
         batch, changed, parked = self._take_batch()
@@ -1232,10 +1248,11 @@ def close(self: Ledger) -> None:
 @patch
 def _keep_lease(self: Ledger) -> None:
     "Renew the writer lease on the writer thread (between batches), every third of its term."
-    self._writer.submit(self.lease.renew).add_done_callback(self._lease_renewed)
+    self._renewal = asyncio.get_running_loop().run_in_executor(self._writer, self.lease.renew)
+    self._renewal.add_done_callback(self._lease_renewed)
     self._lease_timer = asyncio.get_running_loop().call_later(WRITER_LEASE_SECONDS / 3, self._keep_lease)
 
 @patch
 def _lease_renewed(self: Ledger, renewal: Any) -> None:
-    if renewal.exception() is not None:
+    if not renewal.cancelled() and renewal.exception() is not None:
         self._log.error("writer lease not renewed", error=str(renewal.exception()))
