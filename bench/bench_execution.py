@@ -2,10 +2,11 @@
 persisted, on SQLite and PostgreSQL; the same burst with every batch stored by the ledger's writer thread (no batch
 written by a forked copy, as before 2026-12-07) and with a naive ledger (one database transaction per event), in the
 same run; the same sustained, with a client keeping 1,000 intents open (it submits the next as the oldest is
-stored); the pre-chain latency, submit -> plan.created, p50 and p99; and an agent runner's trading tick (start an
-engine, one intent, stop) on the store the runs left: opening the ledger from its tables, against replaying the
-whole store (as every start did before 2026-12-06) and against going on from the last tick's ledger. Last, once, the
-ceiling the flow itself sets: the same burst with nothing written (no rows built, no SQL), on a throwaway store.
+stored), again against the writer thread alone; the pre-chain latency, submit -> plan.created, p50 and p99; and an
+agent runner's trading tick (start an engine, one intent, stop) on the store the runs left: opening the ledger from
+its tables, against replaying the whole store (as every start did before 2026-12-06) and against going on from the
+last tick's ledger. Last, once, the ceiling the flow itself sets: the same burst with nothing written (no rows
+built, no SQL), on a throwaway store.
 
 Run: .venv/bin/python bench/bench_execution.py [--quick]   (about a minute; starts a throwaway PostgreSQL on
 127.0.0.1 when its binaries are installed)
@@ -179,8 +180,12 @@ def run(url: str, label: str) -> None:
     print(f"{label:<10} naive ledger, one transaction per event ({naive_count:,} intents): {naive_rate:,.0f} intents/s"
           f"  => {rate / naive_rate:,.1f}x")
     steady_seconds, steady_completed, steady_differences = asyncio.run(throughput(url, INTENTS, in_flight=IN_FLIGHT))
+    with thread_writer_only():
+        thread_steady_seconds, thread_steady_completed, _ = asyncio.run(throughput(url, INTENTS, in_flight=IN_FLIGHT))
+    steady_rate, thread_steady_rate = steady_completed / steady_seconds, thread_steady_completed / thread_steady_seconds
     print(f"{label:<10} sustained, {IN_FLIGHT:,} intents in flight ({INTENTS:,} intents): "
-          f"{steady_completed / steady_seconds:>8,.0f} intents/s; replay equals live: {not steady_differences}")
+          f"{steady_rate:>8,.0f} intents/s; replay equals live: {not steady_differences}; writer thread only "
+          f"{thread_steady_rate:,.0f} intents/s  => {steady_rate / thread_steady_rate:,.2f}x")
     samples = sorted(asyncio.run(latency(url, 200 if QUICK else 1_000)))
     p50, p99 = statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
     print(f"{label:<10} submit -> plan.created, one at a time: p50 {p50:.3f} ms, p99 {p99:.3f} ms")
