@@ -1062,13 +1062,18 @@ class Ledger:
             row["_sequence"] = self.sequence - 1             # the intent's events are numbered up to here
         return applied
 
+    def _take_pending(self) -> tuple[list[tuple[int, EventEnvelope]], dict[str, set], str | None]:
+        "What is pending, the keys of the rows it changed, and the journeys still waiting."
+        batch, self._pending = self._pending, []
+        waiting = self.models.waiting
+        return batch, self.models.take_dirty(), _sql_json(sorted(waiting)) if waiting else None
+
     def _take_batch(self) -> tuple[list[tuple[int, EventEnvelope]], dict[str, list[tuple]], str | None]:
         "What is pending, the rows it changed, and the journeys still waiting; ended intents are then forgotten."
-        batch, self._pending = self._pending, []
-        changed = self._statements.model_rows(self.models, self.models.take_dirty())
+        batch, dirty, parked = self._take_pending()
+        changed = self._statements.model_rows(self.models, dirty)
         self.models.forget_finished()                        # their rows are taken: the tables keep them
-        waiting = self.models.waiting
-        return batch, changed, _sql_json(sorted(waiting)) if waiting else None
+        return batch, changed, parked
 
     def _store(self, batch: list[tuple[int, EventEnvelope]], changed: Mapping[str, list[tuple]],
                parked: str | None = None) -> int:
@@ -1167,29 +1172,28 @@ def _flush(self: Ledger) -> None:
     if not self._pending or self._writes:
         return
     thread_idle = self._renewal is None or self._renewal.done()   # no SQLite mutex of its own held as it forks
-    if self.fork_from is not None and len(self._pending) >= self.fork_from and thread_idle:
-        batch, write = self._fork_batch()
-    else:
-        batch, changed, parked = self._take_batch()
+    forking = self.fork_from is not None and len(self._pending) >= self.fork_from and thread_idle
+    batch, dirty, parked = self._take_pending()
+    write = self._fork_write(batch, dirty, parked) if forking else None
+    if write is None:                                    # the writer thread's: the rows are built here, now
+        changed = self._statements.model_rows(self.models, dirty)
         write = asyncio.get_running_loop().run_in_executor(self._writer, self._store, batch, changed, parked)
+    self.models.forget_finished()                        # their rows are taken (or the child has them)
     self._writes.append(write)
     write.add_done_callback(partial(self._committed, batch))
 
 @patch
-def _fork_batch(self: Ledger) -> tuple[list[tuple[int, EventEnvelope]], asyncio.Future[int]]:
-    "`_take_batch` handed on: the rows built and written by a forked child from its copy of the models."
-    batch, self._pending = self._pending, []
-    dirty, waiting = self.models.take_dirty(), self.models.waiting
-    parked = _sql_json(sorted(waiting)) if waiting else None
-    rows = partial(self._statements.model_rows, self.models, dirty)
+def _fork_write(self: Ledger, batch: list[tuple[int, EventEnvelope]], dirty: Mapping[str, set],
+                parked: str | None) -> asyncio.Future[int] | None:
+    "Fork a child that builds `batch`'s rows from its copy of the models and writes them; None if it cannot fork now."
     try:
-        self._child = _ForkedWrite(lambda: self._store(batch, rows(), parked), self.engine)
-        write, self.forked = self._child.future, self.forked + 1
-    except OSError as error:                             # no fork now (memory, a process limit): the thread writes
+        self._child = _ForkedWrite(lambda: self._store(batch, self._statements.model_rows(self.models, dirty), parked),
+                                   self.engine)
+    except OSError as error:                             # memory, a process limit: the thread writes this one
         self._log.warning("writer not forked; the writer thread stores this batch", error=str(error))
-        write = asyncio.get_running_loop().run_in_executor(self._writer, self._store, batch, rows(), parked)
-    self.models.forget_finished()                        # their rows are taken (or the child has them)
-    return batch, write
+        return None
+    self.forked += 1
+    return self._child.future
 
 @patch
 def _committed(self: Ledger, batch: list, write: asyncio.Future) -> None:
