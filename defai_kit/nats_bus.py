@@ -39,8 +39,8 @@ from .logs import get_logger
 from .settings import Settings, load_settings
 
 # %% auto #0
-__all__ = ['Bus', 'nats_server_binary', 'NatsServer', 'split_pattern', 'consumer_name', 'NatsSubscription', 'NatsBus',
-           'bus_from_settings']
+__all__ = ['BOUND_WITHIN', 'Bus', 'nats_server_binary', 'NatsServer', 'split_pattern', 'consumer_name', 'NatsSubscription',
+           'NatsBus', 'bus_from_settings']
 
 # %% ../nbs/05_nats_bus.ipynb #4c72e835
 def nats_server_binary() -> Path:
@@ -538,10 +538,24 @@ async def _open(self: NatsBus, subscription: NatsSubscription) -> None:
                                                 pending_bytes_limit=256 * 1024 * 1024)
             subscription._subscriptions.append(stored)
         await connection.flush()                             # the server knows of the interest when ready() returns
+        if subscription.stored_pattern is not None and subscription.durable and subscription.group is None:
+            await self._wait_bound(subscription)
     except BusError as error:
         self._failures.append(str(error))
     except Exception as error:
         self._failures.append(str(self._fail(f"subscription {subscription.name!r}: {_reason(error)}")))
+
+BOUND_WITHIN = 2.0  # seconds a named consumer may take to show its subscriber on the server
+
+@patch
+async def _wait_bound(self: NatsBus, subscription: NatsSubscription) -> None:
+    "Wait until the server shows the named consumer bound to us, so another process's `ready()` sees it in use."
+    manager, deadline = self._jetstream._jsm, asyncio.get_running_loop().time() + BOUND_WITHIN
+    while not (await manager.consumer_info(self.stream, subscription.consumer)).push_bound:
+        if asyncio.get_running_loop().time() > deadline:
+            raise self._fail(f"subscription {subscription.name!r}: the server did not show the consumer bound "
+                             f"within {BOUND_WITHIN:g} s")
+        await asyncio.sleep(0.01)
 
 @patch
 async def _make_consumer(self: NatsBus, subscription: NatsSubscription) -> str:
