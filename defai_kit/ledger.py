@@ -34,7 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 
-from .events import EventEnvelope
+from .events import EventEnvelope, unchecked
 from .intents import FINAL_STATES, TRANSITIONS, IllegalTransition, IntentState, amount, next_state
 from .logs import get_logger
 from .positions import Portfolio, Position
@@ -704,7 +704,7 @@ def _stored_events(engine: Engine | sa.Connection, batch: int, after: int,
     query = _STORED_EVENTS.format(mark=mark, payload="payload" if sqlite else "payload::text",   # msgspec decodes it
                                   journeys=f" AND correlation_id IN ({', '.join([mark] * len(journeys))})" if journeys
                                   else "")
-    filled, utc, decode = EventEnvelope._filled, timezone.utc, msgspec.json.decode
+    filled, utc, decode = partial(unchecked, EventEnvelope), timezone.utc, msgspec.json.decode
     while True:
         with connected(engine) as connection:      # the driver's rows as they are: a replay reads every event
             rows = connection.exec_driver_sql(query, (after, *journeys, batch)).all()

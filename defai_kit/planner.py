@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from .events import unchecked
 from .intents import Intent, Side
 from .settings import DefaiError
 from .venues import Quote
@@ -86,10 +87,10 @@ def plan_intent(intent: Intent, quote: Quote) -> Plan:
         raise PlanError(f"max_slippage_bps: the venue expects {expected_bps:.1f} bp, "
                         f"above the intent's {intent.max_slippage_bps} bp")
     count = intent.slices if intent.plan == "twap" else 1
-    steps = tuple(PlanStep(step_id=f"{intent.intent_id}-s{number}", index=number - 1, symbol=intent.symbol,
-                           side=intent.side, quantity=quantity, limit_price=worst,
-                           not_before_seconds=(number - 1) * intent.interval_seconds)
+    steps = tuple(unchecked(PlanStep, dict(step_id=f"{intent.intent_id}-s{number}", index=number - 1,   # all made here
+                                           symbol=intent.symbol, side=intent.side, quantity=quantity, limit_price=worst,
+                                           not_before_seconds=(number - 1) * intent.interval_seconds))
                   for number, quantity in enumerate(_slices(intent.quantity, count), start=1))
-    return Plan(intent_id=intent.intent_id, venue=intent.venue, plan_type=intent.plan, steps=steps, mark=quote.mark,
-                expected_price=quote.price, limit_price=worst, estimated_fee=quote.fee,
-                estimated_slippage=abs(quote.price - quote.mark) * intent.quantity)
+    return unchecked(Plan, dict(intent_id=intent.intent_id, venue=intent.venue, plan_type=intent.plan, steps=steps,
+                                mark=quote.mark, expected_price=quote.price, limit_price=worst, estimated_fee=quote.fee,
+                                estimated_slippage=abs(quote.price - quote.mark) * intent.quantity))

@@ -21,6 +21,7 @@ from typing import Any, Iterator, Literal, Mapping, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .events import unchecked
 from .intents import Side, SymbolParts, amount, first_error_line
 from .settings import DefaiError
 
@@ -150,9 +151,9 @@ class OrderStatus(BaseModel):
         filled = sum((fill.quantity for fill in fills), Decimal(0))
         average = sum((fill.quantity * fill.price for fill in fills), Decimal(0)) / filled if filled else None
         state = ended or ("filled" if filled >= quantity else "partially_filled" if filled > 0 else "open")
-        return cls(client_order_id=client_order_id, venue_order_id=venue_order_id, state=state, quantity=quantity,
-                   filled_quantity=filled, average_price=average, fees=sum((fill.fee for fill in fills), Decimal(0)),
-                   fills=tuple(fills), reason=reason)
+        return unchecked(cls, dict(client_order_id=client_order_id, venue_order_id=venue_order_id, state=state,   # all made here
+                                   quantity=quantity, filled_quantity=filled, average_price=average,
+                                   fees=sum((fill.fee for fill in fills), Decimal(0)), fills=tuple(fills), reason=reason))
 
     def to_payload(self) -> dict[str, Any]:
         "The status as JSON types, decimals as strings."
@@ -468,8 +469,8 @@ class PaperVenue:
                                   f"(got {side!r}, {_show(quantity)})")
         market = self._market(symbol)
         price = self.config.fill_price(side, quantity, market.price, market.quote_volume)
-        return Quote(venue=self.name, symbol=symbol, side=side, quantity=quantity, price=price, mark=market.price,
-                     fee=self.config.fee(quantity, price), timestamp=market.timestamp)
+        return unchecked(Quote, dict(venue=self.name, symbol=symbol, side=side, quantity=quantity, price=price,   # checked above
+                                     mark=market.price, fee=self.config.fee(quantity, price), timestamp=market.timestamp))
 
     async def build(self, request: OrderRequest) -> OrderRequest:
         "The paper venue's order is the request itself."
@@ -486,7 +487,8 @@ class PaperVenue:
                 return known.venue_order_id
             self._market(request.symbol)
             order = _PaperOrder(request, f"{self.name}-{len(self._orders) + 1}", arrived=self.config.latency_seconds == 0)
-            self._record({"kind": "order", "venue_order_id": order.venue_order_id, "request": request.to_payload()})
+            if self.journal is not None:                  # the record is not even made without one: the hot path
+                self._record({"kind": "order", "venue_order_id": order.venue_order_id, "request": request.to_payload()})
             self._orders[request.client_order_id] = self._resting[request.client_order_id] = order
             if order.arrived:
                 self._fill(order)
@@ -571,10 +573,12 @@ class PaperVenue:
         direction = 1 if buy else -1
         balances[request.base] = balances.get(request.base, Decimal(0)) + direction * quantity
         balances[request.quote_asset] = balances.get(request.quote_asset, Decimal(0)) - direction * quantity * price - fee
-        new = Fill(fill_id=f"{order.venue_order_id}-{len(order.fills) + 1}", client_order_id=request.client_order_id,
-                   venue_order_id=order.venue_order_id, symbol=request.symbol, side=request.side, quantity=quantity,
-                   price=price, fee=fee, fee_asset=request.quote_asset, timestamp=market.timestamp)
-        self._record({"kind": "fill", "fill": new.to_payload(), "balances": _amounts(balances)})
+        new = unchecked(Fill, dict(fill_id=f"{order.venue_order_id}-{len(order.fills) + 1}",   # every value checked above
+                                   client_order_id=request.client_order_id, venue_order_id=order.venue_order_id,
+                                   symbol=request.symbol, side=request.side, quantity=quantity, price=price, fee=fee,
+                                   fee_asset=request.quote_asset, timestamp=market.timestamp))
+        if self.journal is not None:
+            self._record({"kind": "fill", "fill": new.to_payload(), "balances": _amounts(balances)})
         order.fills.append(new)
         self._balances = balances
         if market.capacity is not None:
