@@ -7,6 +7,7 @@ Docs: https://defai-kit.github.io/defai-kit/intents.html.md"""
 # %% ../nbs/30_intents.ipynb #5a189a23
 from __future__ import annotations
 
+from collections import OrderedDict
 from datetime import datetime, timezone
 from decimal import Decimal
 from enum import Enum
@@ -18,8 +19,8 @@ from .events import EventEnvelope, new_event_id
 from .settings import DefaiError
 
 # %% auto #0
-__all__ = ['Side', 'PLAN_TYPES', 'FINAL_STATES', 'TRANSITIONS', 'IntentError', 'first_error_line', 'SymbolParts', 'new_intent_id',
-           'Intent', 'IntentState', 'IllegalTransition', 'next_state', 'amount', 'intent_event']
+__all__ = ['Side', 'PLAN_TYPES', 'KNOWN_INTENTS', 'FINAL_STATES', 'TRANSITIONS', 'IntentError', 'first_error_line', 'SymbolParts',
+           'new_intent_id', 'Intent', 'IntentState', 'IllegalTransition', 'next_state', 'amount', 'intent_event']
 
 # %% ../nbs/30_intents.ipynb #9f72b82b
 class IntentError(DefaiError):
@@ -88,11 +89,27 @@ class Intent(SymbolParts, BaseModel):
 
     def to_payload(self) -> dict[str, Any]:
         "The intent as an event payload: JSON types only, decimals as strings."
-        return self.model_dump(mode="json")
+        payload = self.model_dump(mode="json")
+        _remember(payload, self)
+        return payload
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Intent:
-        return cls.model_validate(payload)
+        "The intent `payload` holds, validated; one this process made or read lately is not validated again."
+        known = _known.get(payload.get("intent_id")) if type(payload) is dict else None
+        if known is not None and type(known[1]) is cls and known[0] == payload:   # the very same fields
+            return known[1]
+        intent = cls.model_validate(payload)
+        _remember(payload, intent)
+        return intent
+
+KNOWN_INTENTS = 16_384   # intents `from_payload` hands back without validating: risk reads each, then the planner
+_known: OrderedDict[str, tuple[dict[str, Any], Intent]] = OrderedDict()
+
+def _remember(payload: dict[str, Any], intent: Intent) -> None:
+    _known[intent.intent_id] = (dict(payload), intent)   # a copy: a payload changed later is validated afresh
+    if len(_known) > KNOWN_INTENTS:
+        _known.popitem(last=False)
 
 # %% ../nbs/30_intents.ipynb #64d03356
 class IntentState(str, Enum):
