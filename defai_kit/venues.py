@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Literal, Mapping, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -469,7 +469,7 @@ class PaperVenue:
                                   f"(got {side!r}, {_show(quantity)})")
         market = self._market(symbol)
         price = self.config.fill_price(side, quantity, market.price, market.quote_volume)
-        return unchecked(Quote, dict(venue=self.name, symbol=symbol, side=side, quantity=quantity, price=price,   # checked above
+        return unchecked(Quote, dict(venue=self.name, symbol=symbol, side=side, quantity=quantity, price=price,   # checked or made here
                                      mark=market.price, fee=self.config.fee(quantity, price), timestamp=market.timestamp))
 
     async def build(self, request: OrderRequest) -> OrderRequest:
@@ -487,8 +487,8 @@ class PaperVenue:
                 return known.venue_order_id
             self._market(request.symbol)
             order = _PaperOrder(request, f"{self.name}-{len(self._orders) + 1}", arrived=self.config.latency_seconds == 0)
-            if self.journal is not None:                  # the record is not even made without one: the hot path
-                self._record({"kind": "order", "venue_order_id": order.venue_order_id, "request": request.to_payload()})
+            self._record(lambda: {"kind": "order", "venue_order_id": order.venue_order_id,
+                                  "request": request.to_payload()})
             self._orders[request.client_order_id] = self._resting[request.client_order_id] = order
             if order.arrived:
                 self._fill(order)
@@ -577,8 +577,7 @@ class PaperVenue:
                                    client_order_id=request.client_order_id, venue_order_id=order.venue_order_id,
                                    symbol=request.symbol, side=request.side, quantity=quantity, price=price, fee=fee,
                                    fee_asset=request.quote_asset, timestamp=market.timestamp))
-        if self.journal is not None:
-            self._record({"kind": "fill", "fill": new.to_payload(), "balances": _amounts(balances)})
+        self._record(lambda: {"kind": "fill", "fill": new.to_payload(), "balances": _amounts(balances)})
         order.fills.append(new)
         self._balances = balances
         if market.capacity is not None:
@@ -589,7 +588,8 @@ class PaperVenue:
 
     def _end(self, order: _PaperOrder, state: OrderState, reason: str) -> None:
         "Stop `order` short of a full fill."
-        self._record({"kind": "end", "client_order_id": order.request.client_order_id, "state": state, "reason": reason})
+        self._record(lambda: {"kind": "end", "client_order_id": order.request.client_order_id, "state": state,
+                              "reason": reason})
         order.ended, order.reason = state, reason
         self._settle(order)
 
@@ -602,16 +602,17 @@ class PaperVenue:
 
     # the journal
 
-    def _record(self, record: dict[str, Any]) -> None:
+    def _record(self, record: Callable[[], dict[str, Any]]) -> None:
+        "Journal the record `record()` makes; without a journal it is not even made (the hot path)."
         if self.journal is not None:
-            self._journal_read = self.journal.append(record)   # a shared venue writes in its turn: it has read it all
+            self._journal_read = self.journal.append(record())   # a shared venue writes in its turn: it has read it all
 
     def _load(self, given: dict[str, Decimal] | None) -> None:
         "Start the journal, or replay it: its balances and orders replace the ones given."
         assert self.journal is not None
         records, self._journal_read = self.journal.read()
         if not records:
-            self._record({"kind": "start", "venue": self.name, "balances": _amounts(self._balances)})
+            self._record(lambda: {"kind": "start", "venue": self.name, "balances": _amounts(self._balances)})
             return
         self._apply(records, given)
 
