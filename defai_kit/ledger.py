@@ -19,6 +19,7 @@ import time
 import warnings
 from collections import OrderedDict, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -580,16 +581,24 @@ class _Statements:
                          values["causation_id"], _sql_json(values["payload"]), values["version"], sequence))
         return rows
 
+    def add_events(self, connection: sa.Connection, events: list[tuple[int, EventEnvelope]]) -> int:
+        "Insert the numbered `events`, skipping ids stored already; how many were new."
+        return connection.exec_driver_sql(self.insert_events, self.event_rows(events)).rowcount if events else 0
+
+    def upsert_rows(self, connection: sa.Connection, changed: Mapping[str, list[tuple]]) -> None:
+        "Upsert the `changed` rows' parameters (and delete the closed lots'), table by table."
+        for name, rows in changed.items():
+            if rows:
+                table, _, closed = name.partition(" ")
+                connection.exec_driver_sql(self.deletes[table][0] if closed else self.upserts[table][0], rows)
+
     def store(self, connection: sa.Connection, events: list[tuple[int, EventEnvelope]],
               changed: Mapping[str, list[tuple]]) -> int:
         "Insert `events` (skipping stored ids) and upsert the `changed` rows' parameters; how many events were new."
         if not events:
             return 0
-        inserted = connection.exec_driver_sql(self.insert_events, self.event_rows(events)).rowcount
-        for name, rows in changed.items():
-            if rows:
-                table, _, closed = name.partition(" ")
-                connection.exec_driver_sql(self.deletes[table][0] if closed else self.upserts[table][0], rows)
+        inserted = self.add_events(connection, events)
+        self.upsert_rows(connection, changed)
         return inserted
 
 def _newest_sequence(connection: sa.Connection) -> int | None:
@@ -905,18 +914,27 @@ FORKED_WRITE_SECONDS = 120.0                         # a forked writer that has 
 CAN_FORK = sys.platform == "linux" and hasattr(os, "fork")   # macOS forks unsafely once system frameworks loaded
 
 class _ForkedWrite:
-    "One batch written by a forked copy of this process; `future` gets the child's count of new events, or its error."
+    """One batch written by a forked copy of this process: `events_stored(future)` is called once its events are
+    committed, and `future` gets the child's count of new events once its rows are too (or its error). `after` is
+    the previous writer's `ended`, read to its end by the child before it writes rows: that writer has exited."""
 
-    def __init__(self, write: Callable[[], int], engine: Engine):
+    def __init__(self, write: Callable[[Callable[[int], None], Callable[[], None]], int], engine: Engine,
+                 events_stored: Callable[[asyncio.Future], None], after: int | None = None):
         loop = asyncio.get_running_loop()
         self.future: asyncio.Future[int] = loop.create_future()
+        self.events_reported = False
         reading, writing = os.pipe()
+        ended, ending = os.pipe()                        # ends (EOF) when the child exits: the next writer waits on it
         with warnings.catch_warnings():                  # Python 3.12 warns of forking beside threads: see above
             warnings.simplefilter("ignore", DeprecationWarning)
             self.pid = os.fork()
         if self.pid == 0:
-            _write_in_child(write, engine, reading, writing)   # never returns
-        os.close(writing)
+            os.close(ended)
+            _write_in_child(write, engine, reading, writing, after)   # never returns
+        for descriptor in (writing, ending) + ((after,) if after is not None else ()):
+            os.close(descriptor)                         # `after` is the child's now
+        self.ended: int | None = ended                   # the parent's, until it hands it to the next writer
+        self._events_stored = events_stored
         self._reading, self._report, self._loop, self._open = reading, bytearray(), loop, True
         loop.add_reader(reading, self._readable)
         self._overdue = loop.call_later(FORKED_WRITE_SECONDS, self._kill)
@@ -930,23 +948,36 @@ class _ForkedWrite:
     def _readable(self) -> None:
         if data := os.read(self._reading, 65_536):
             self._report += data
+            self._take_events_line()
         else:
             self._finish()
+
+    def _take_events_line(self) -> None:
+        "The child's first line, once it has come, when it says the batch's events are stored (the rows follow)."
+        if not self.events_reported and self._report.startswith(b'["events"') and b"\n" in self._report:
+            self._report = self._report[self._report.index(b"\n") + 1:]
+            self.events_reported = True
+            self._events_stored(self.future)
 
     def _finish(self) -> None:
         "The child has exited: reap it, and settle `future` with what it reported (or with its death)."
         self._open = False
+        if self.ended is not None:                        # no writer followed it: nobody else needs it
+            os.close(self.ended)
+            self.ended = None
         self._overdue.cancel()
         self._loop.remove_reader(self._reading)
         os.close(self._reading)
         status = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
         try:
-            kind, value = msgspec.json.decode(bytes(self._report))
+            kind, value = msgspec.json.decode(bytes(self._report).strip())
         except msgspec.DecodeError:
             kind, value = "LedgerError", (f"ledger: the forked writer did not report within {FORKED_WRITE_SECONDS:g} s "
-                                          "and was killed; its batch is not stored" if self._killed else
-                                          f"ledger: the forked writer ended without storing its batch (exit status "
-                                          f"{status}); nothing of the batch was committed")
+                                          "and was killed; " if self._killed else
+                                          f"ledger: the forked writer ended before it had stored its batch (exit "
+                                          f"status {status}); ") + (
+                "its events are stored, its rows are rebuilt from the store" if self.events_reported else
+                "nothing of the batch was committed")
         if not self.future.done():
             self.future.set_result(value) if kind == "stored" else self.future.set_exception(
                 (LeaseLost if kind == "LeaseLost" else LedgerError)(value))
@@ -958,13 +989,22 @@ class _ForkedWrite:
         os.set_blocking(self._reading, True)
         while data := os.read(self._reading, 65_536):
             self._report += data
-        try:
-            self._finish()
-        except RuntimeError:                               # the event loop is closed: nobody waits on the write now
-            pass
+        for settle in (self._take_events_line, self._finish):
+            try:
+                settle()
+            except RuntimeError:                           # the event loop is closed: nobody waits on the write now
+                pass
 
-def _write_in_child(write: Callable[[], int], engine: Engine, reading: int, writing: int) -> None:
-    "In the forked child: write the batch in new connections, report the outcome on the pipe, exit at once."
+def _write_in_child(write: Callable[[Callable[[int], None], Callable[[], None]], int], engine: Engine, reading: int,
+                    writing: int, after: int | None) -> None:
+    "In the forked child: write the batch in new connections, report on the pipe (events stored, then the outcome), exit."
+    def send(message: list) -> None:
+        line = msgspec.json.encode(message) + b"\n"
+        while line:
+            line = line[os.write(writing, line):]
+    def previous_ended() -> None:                      # EOF once the writer before this one has exited
+        while after is not None and os.read(after, 4096):
+            pass
     status = 1
     try:
         os.close(reading)
@@ -975,20 +1015,26 @@ def _write_in_child(write: Callable[[], int], engine: Engine, reading: int, writ
         gc.disable()                                       # short-lived: collecting would only copy shared pages
         engine.dispose(close=False)                        # the parent's connections stay the parent's
         try:
-            outcome = ["stored", write()]
+            outcome = ["stored", write(lambda inserted: send(["events", inserted]), previous_ended)]
         except LedgerError as error:
             outcome = [type(error).__name__, str(error)]
         except Exception as error:                         # a bug: the parent still hears of it, in one line
             outcome = ["LedgerError", f"ledger: the forked writer failed: {error!r}"[:300]]
-        report = msgspec.json.encode(outcome)
-        while report:
-            report = report[os.write(writing, report):]
+        send(outcome)
         status = 0
     finally:
         os._exit(status)                                   # no atexit, no buffers flushed twice, no parent code
 
 
 # %% ../nbs/35_ledger.ipynb #e6828e10
+@contextmanager
+def _storing(what: str):
+    "Turn a failed write of `what` into a LedgerError of one line."
+    try:
+        yield
+    except (sa.exc.SQLAlchemyError, TypeError, ValueError) as exc:
+        raise LedgerError(f"ledger: {what} not stored: {str(exc).splitlines()[0][:200]}") from None
+
 class Ledger:
     "The single writer of trading events and read models."
 
@@ -1014,8 +1060,9 @@ class Ledger:
         self._statements = _Statements(engine)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ledger-writer")
         self.fork_from = FORK_FROM_EVENTS if CAN_FORK else None   # batches this large are written by a forked copy
-        self._child: _ForkedWrite | None = None               # the forked copy writing now, if one is
+        self._children: dict[asyncio.Future, _ForkedWrite] = {}   # the forked copies writing now, oldest first
         self._writes: list[asyncio.Future] = []              # batches handed to the writer, not yet committed
+        self._events_unstored: set[asyncio.Future] = set()   # of those, the ones whose events are not committed yet
         self._durable: dict[str, asyncio.Future[None]] = {}     # event id -> publish_durably's waiter
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}  # sequence -> waiters, until it is committed
         self._flush_handle: asyncio.Handle | None = None
@@ -1079,7 +1126,7 @@ class Ledger:
     def _store(self, batch: list[tuple[int, EventEnvelope]], changed: Mapping[str, list[tuple]],
                parked: str | None = None) -> int:
         "Write one batch in one transaction (any thread); how many of its events were new to the store."
-        try:
+        with _storing(f"batch of {len(batch)} events"):
             with self.engine.begin() as connection:      # the lease, with how far the tables now go: no lease, no write
                 self.lease.renew(connection, batch[-1][0] if batch else None, parked)
                 inserted = self._statements.store(connection, batch, changed)
@@ -1093,9 +1140,27 @@ class Ledger:
                 known = {row[0] for row in connection.execute(sa.select(table.c.event_id).where(table.c.event_id.in_(ids)))}
                 fresh = [(s, e) for s, e in batch if e.event_id not in known]
                 return -self._statements.store(connection, fresh, {}) - 1   # negative: the models need a rebuild
-        except (sa.exc.SQLAlchemyError, TypeError, ValueError) as exc:
-            raise LedgerError(f"ledger: batch of {len(batch)} events not stored: "
-                              f"{str(exc).splitlines()[0][:200]}") from None
+
+    def _store_events_first(self, batch: list[tuple[int, EventEnvelope]], dirty: Mapping[str, set], parked: str | None,
+                            events_stored: Callable[[int], None], previous_ended: Callable[[], None]) -> int:
+        "A forked writer's write: the events in one transaction, said at once; the rows, after the writer before it, in a second."
+        with _storing(f"batch of {len(batch)} events"):
+            with self.engine.begin() as connection:
+                self.lease.renew(connection)
+                inserted = self._statements.add_events(connection, batch)
+                if inserted != len(batch):
+                    connection.rollback()                    # an old event came back: `_store` sorts it out, as ever
+        if inserted != len(batch):
+            previous_ended()
+            return self._store(batch, self._statements.model_rows(self.models, dirty), parked)
+        events_stored(inserted)
+        changed = self._statements.model_rows(self.models, dirty)
+        previous_ended()                                     # rows go in the order of their batches
+        with _storing(f"the rows of a batch of {len(batch)} events (its events are stored)"):
+            with self.engine.begin() as connection:      # the lease, with how far the tables now go
+                self.lease.renew(connection, batch[-1][0], parked)
+                self._statements.upsert_rows(connection, changed)
+        return inserted
 
     def _rebuild(self, error: Exception | None = None) -> None:
         "Make the models (kept in place: components hold them) and the tables equal to a replay of the store."
@@ -1117,6 +1182,11 @@ class Ledger:
         self.stored += inserted
         self.batches += 1
         if batch:
+            self._events_on_disk(batch)
+
+    def _events_on_disk(self, batch: list[tuple[int, EventEnvelope]]) -> None:
+        "`batch`'s events are committed: whoever waits on one of them can go on."
+        if batch[-1][0] > self.committed:                   # a later batch's events may have been reported first
             self.committed, self.last_event_id = batch[-1][0], batch[-1][1].event_id
             self._release(self.committed)
 
@@ -1163,17 +1233,25 @@ def receive_until_stored(self: Ledger, event: EventEnvelope) -> asyncio.Future:
 def receive(self: Ledger, event: EventEnvelope) -> None:
     "Apply `event` now and queue it for the next group commit."
     self.accept(event)
-    if self._flush_handle is None and self._pending and not self._writes:
+    if self._flush_handle is None and (not self._writes or self._can_follow()) and self._pending:
         self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
 @patch
+def _can_follow(self: Ledger) -> bool:
+    "Whether a forked writer can start on what is pending while the writers before it store only rows."
+    return (not self._events_unstored and self.fork_from is not None and len(self._pending) >= self.fork_from
+            and all(write in self._children for write in self._writes))
+
+@patch
 def _flush(self: Ledger) -> None:
-    "Hand what is pending to the writer, one batch at a time: what arrives meanwhile makes the next batch."
+    "Hand what is pending to the writer: the next batch once the last one's events are committed (see above)."
     self._flush_handle = None
-    if not self._pending or self._writes:
+    if not self._pending or (self._writes and not self._can_follow()):
         return
     thread_idle = self._renewal is None or self._renewal.done()   # no SQLite mutex of its own held as it forks
     forking = self.fork_from is not None and len(self._pending) >= self.fork_from and thread_idle
+    if self._writes and not forking:                     # the thread writes a batch whole: only after the others
+        return
     batch, dirty, parked = self._take_pending()
     write = self._fork_write(batch, dirty, parked) if forking else None
     if write is None:                                    # the writer thread's: the rows are built here, now
@@ -1181,29 +1259,46 @@ def _flush(self: Ledger) -> None:
         write = asyncio.get_running_loop().run_in_executor(self._writer, self._store, batch, changed, parked)
     self.models.forget_finished()                        # their rows are taken (or the child has them)
     self._writes.append(write)
+    self._events_unstored.add(write)
     write.add_done_callback(partial(self._committed, batch))
 
 @patch
 def _fork_write(self: Ledger, batch: list[tuple[int, EventEnvelope]], dirty: Mapping[str, set],
                 parked: str | None) -> asyncio.Future[int] | None:
-    "Fork a child that builds `batch`'s rows from its copy of the models and writes them; None if it cannot fork now."
+    "Fork a child that stores `batch`'s events, then the rows it builds from its copy of the models; None if it cannot fork."
+    previous = next(reversed(self._children.values()), None)   # still writing its rows: this child's rows follow
     try:
-        self._child = _ForkedWrite(lambda: self._store(batch, self._statements.model_rows(self.models, dirty), parked),
-                                   self.engine)
+        child = _ForkedWrite(partial(self._store_events_first, batch, dirty, parked), self.engine,
+                             partial(self._events_stored, batch), None if previous is None else previous.ended)
     except OSError as error:                             # memory, a process limit: the thread writes this one
         self._log.warning("writer not forked; the writer thread stores this batch", error=str(error))
         return None
+    if previous is not None:
+        previous.ended = None                            # the child has it now
+    self._children[child.future] = child
     self.forked += 1
-    return self._child.future
+    return child.future
+
+@patch
+def _events_stored(self: Ledger, batch: list[tuple[int, EventEnvelope]], write: asyncio.Future) -> None:
+    "A forked writer has committed `batch`'s events: release their waiters, and let the next batch start."
+    self._events_unstored.discard(write)
+    self._events_on_disk(batch)
+    if self._flush_handle is None and self._pending and self._can_follow():
+        self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
 @patch
 def _committed(self: Ledger, batch: list, write: asyncio.Future) -> None:
     self._writes.remove(write)
+    self._events_unstored.discard(write)
+    self._children.pop(write, None)
     error = write.exception()
     if error is None:
         self._stored_batch(batch, write.result())
     else:
         self._log.error("batch not stored", error=str(error), events=len(batch))
+        for later in list(self._children.values()):     # their events may be stored: the rebuild must see them
+            later.wait()
         self._rebuild(error)
         self._release(batch[-1][0], error)
     self._flush()                                            # the next batch, if events came meanwhile
@@ -1244,8 +1339,8 @@ def close(self: Ledger) -> None:
     "Stop the writer (after the writes handed to it) and give the writer lease back."
     if self._lease_timer is not None:
         self._lease_timer.cancel()
-    if self._child is not None:
-        self._child.wait()
+    for child in list(self._children.values()):
+        child.wait()
     self._writer.shutdown(wait=True)
     self.lease.release()
     self.closed = True
