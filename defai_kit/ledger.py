@@ -925,9 +925,14 @@ class _ForkedWrite:
         self.events_reported = False
         reading, writing = os.pipe()
         ended, ending = os.pipe()                        # ends (EOF) when the child exits: the next writer waits on it
-        with warnings.catch_warnings():                  # Python 3.12 warns of forking beside threads: see above
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self.pid = os.fork()
+        try:
+            with warnings.catch_warnings():              # Python 3.12 warns of forking beside threads: see above
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.pid = os.fork()
+        except OSError:                                  # no child: no pipe is anyone's
+            for descriptor in (reading, writing, ended, ending):
+                os.close(descriptor)
+            raise
         if self.pid == 0:
             os.close(ended)
             _write_in_child(write, engine, reading, writing, after)   # never returns
