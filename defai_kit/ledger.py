@@ -1244,8 +1244,8 @@ def receive(self: Ledger, event: EventEnvelope) -> None:
 @patch
 def _can_follow(self: Ledger) -> bool:
     "Whether a forked writer can start on what is pending while the writers before it store only rows."
-    return (not self._events_unstored and self.fork_from is not None and len(self._pending) >= self.fork_from
-            and all(write in self._children for write in self._writes))
+    # A thread's batch stays in `_events_unstored` until it is committed: none left means only children's rows remain.
+    return not self._events_unstored and self.fork_from is not None and len(self._pending) >= self.fork_from
 
 @patch
 def _flush(self: Ledger) -> None:
